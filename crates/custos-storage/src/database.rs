@@ -1,0 +1,173 @@
+//! Connecting to SQLite or PostgreSQL and applying migrations.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+use crate::error::StorageError;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// Which database engine a [`Database`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    Sqlite,
+    Postgres,
+}
+
+impl DatabaseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatabaseKind::Sqlite => "sqlite",
+            DatabaseKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// A connection pool to the broker's database, migrated and ready.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: AnyPool,
+    kind: DatabaseKind,
+}
+
+impl Database {
+    /// Connects to `url` (`sqlite://PATH`, `sqlite::memory:`, or `postgres://...`), creating
+    /// a SQLite file when missing, and applies pending migrations.
+    pub async fn connect(url: &str) -> Result<Self, StorageError> {
+        sqlx::any::install_default_drivers();
+
+        let kind = kind_of(url)?;
+        let target = describe(url);
+        let options = match kind {
+            DatabaseKind::Sqlite => AnyConnectOptions::from_str(&with_create_mode(url)),
+            DatabaseKind::Postgres => AnyConnectOptions::from_str(url),
+        }
+        .map_err(|source| StorageError::Connect {
+            target: target.clone(),
+            source,
+        })?;
+
+        let pool = pool_options(kind)
+            .connect_with(options)
+            .await
+            .map_err(|source| StorageError::Connect { target, source })?;
+
+        match kind {
+            DatabaseKind::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            DatabaseKind::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        tracing::debug!(database = kind.as_str(), "database migrated");
+        Ok(Self { pool, kind })
+    }
+
+    pub fn kind(&self) -> DatabaseKind {
+        self.kind
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A cheap round trip, used by readiness checks.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn pool_options(kind: DatabaseKind) -> AnyPoolOptions {
+    let options = AnyPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5));
+
+    match kind {
+        // WAL lets readers proceed during a write; FULL sync makes each commit durable;
+        // the busy timeout makes a second writer wait instead of failing at once.
+        DatabaseKind::Sqlite => options.after_connect(|connection, _metadata| {
+            Box::pin(async move {
+                connection
+                    .execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                Ok(())
+            })
+        }),
+        DatabaseKind::Postgres => options,
+    }
+}
+
+fn kind_of(url: &str) -> Result<DatabaseKind, StorageError> {
+    if url.starts_with("sqlite:") {
+        Ok(DatabaseKind::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(DatabaseKind::Postgres)
+    } else {
+        Err(StorageError::UnsupportedUrl(describe(url)))
+    }
+}
+
+fn with_create_mode(url: &str) -> String {
+    if url.contains("mode=") || url.contains(":memory:") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+/// The URL without credentials or query, safe to show in errors and logs.
+fn describe(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.split('?').next().unwrap_or_default().to_owned();
+    };
+    let rest = rest.split('?').next().unwrap_or_default();
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{rest}")
+}
+
+/// The current time in Unix microseconds, the unit every stored time uses.
+pub fn unix_micros_now() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_never_show_passwords() {
+        assert_eq!(
+            describe("postgres://custos:hunter2@db.internal:5432/custos?sslmode=require"),
+            "postgres://db.internal:5432/custos"
+        );
+        assert_eq!(
+            describe("sqlite:///var/lib/custos.db"),
+            "sqlite:///var/lib/custos.db"
+        );
+    }
+
+    #[test]
+    fn sqlite_files_are_created_when_missing() {
+        assert_eq!(
+            with_create_mode("sqlite:///a.db"),
+            "sqlite:///a.db?mode=rwc"
+        );
+        assert_eq!(
+            with_create_mode("sqlite:///a.db?x=1"),
+            "sqlite:///a.db?x=1&mode=rwc"
+        );
+        assert_eq!(with_create_mode("sqlite::memory:"), "sqlite::memory:");
+    }
+}

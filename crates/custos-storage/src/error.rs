@@ -1,0 +1,26 @@
+//! Storage errors. Messages name the database kind and host, never a password.
+
+/// Everything that can go wrong in the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(
+        "unsupported database URL `{0}`: use `sqlite://PATH` or `postgres://USER@HOST/DATABASE`"
+    )]
+    UnsupportedUrl(String),
+
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error("cannot apply database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}

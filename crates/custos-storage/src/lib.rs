@@ -1,0 +1,19 @@
+//! Custos's persistence layer: one sqlx code path over SQLite and PostgreSQL.
+//!
+//! Both databases are reached through sqlx's `Any` driver with portable SQL (`$1`
+//! placeholders, BIGINT times in Unix microseconds, byte columns), so every repository
+//! behaves the same on both. Only the migrations differ, in `migrations/sqlite` and
+//! `migrations/postgres` at the top of the repository. This crate stores bytes; it knows
+//! nothing of encryption or HTTP.
+
+#![forbid(unsafe_code)]
+
+mod database;
+mod error;
+pub mod local_secrets;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod tokens;
+
+pub use database::{unix_micros_now, Database, DatabaseKind};
+pub use error::StorageError;
