@@ -1,1 +1,417 @@
-//! placeholder
+//! Test harness of the end-to-end suite: starts the real `custos` binary against a fresh
+//! SQLite file or PostgreSQL database, talks to it over HTTP, and stops it.
+//!
+//! The binary is the one `cargo build -p custos` left next to the test executable
+//! (`target/<profile>/custos`), or the one named by `CUSTOS_BINARY`. `scripts/test` builds
+//! it before running the tests.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use custos_storage::testing::TestDatabase;
+pub use custos_storage::DatabaseKind;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Generates one `#[tokio::test]` per database for each listed async test function,
+/// in modules `sqlite` and `postgres`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::DatabaseKind::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::DatabaseKind::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Path of the `custos` binary under test.
+pub fn custos_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CUSTOS_BINARY") {
+        return PathBuf::from(path);
+    }
+    let executable = std::env::current_exe().expect("the test knows its own path");
+    let profile_directory = executable
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let binary = profile_directory.join(format!("custos{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p custos` first (scripts/test does)",
+        binary.display()
+    );
+    binary
+}
+
+/// A free loopback port, released just before the broker binds it.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a loopback port is free")
+        .port()
+}
+
+/// A broker process with its own configuration, key file and database.
+#[derive(Debug)]
+pub struct Broker {
+    pub directory: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub key_file: PathBuf,
+    pub log_path: PathBuf,
+    pub address: String,
+    pub root_token: String,
+    pub database: Option<TestDatabase>,
+    pub database_url: String,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+/// Options of a test broker.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    pub kind: DatabaseKind,
+    /// Extra TOML appended to the generated configuration.
+    pub extra_config: String,
+    pub max_request_bytes: u64,
+    pub mounts: String,
+}
+
+impl BrokerOptions {
+    pub fn new(kind: DatabaseKind) -> Self {
+        Self {
+            kind,
+            extra_config: String::new(),
+            max_request_bytes: 65_536,
+            mounts: "[[mounts]]\npath = \"secret\"\nbackend = \"local\"\nmax_versions = 5\n\n\
+                     [[mounts]]\npath = \"frozen\"\nbackend = \"local\"\nread_only = true\n"
+                .to_owned(),
+        }
+    }
+}
+
+impl Broker {
+    /// Initialises and starts a broker on `kind` with the default test mounts.
+    pub async fn start(kind: DatabaseKind) -> Self {
+        Self::start_with(BrokerOptions::new(kind)).await
+    }
+
+    pub async fn start_with(options: BrokerOptions) -> Self {
+        let directory = tempfile::tempdir().expect("a temporary directory");
+        let database = TestDatabase::create(options.kind).await;
+        let database_url = database.url.clone();
+        let config_path = directory.path().join("custos.toml");
+        let key_file = directory.path().join("keyring");
+        let log_path = directory.path().join("broker.log");
+        let address = format!("127.0.0.1:{}", free_port());
+
+        let config = format!(
+            "[server]\nlisten = \"{address}\"\nmax_request_bytes = {}\nrequest_timeout = \"5s\"\n\n\
+             [storage]\nurl = \"{database_url}\"\n\n[keys]\nfile = \"keyring\"\n\n\
+             [log]\nlevel = \"debug\"\n\n{}\n{}\n",
+            options.max_request_bytes, options.mounts, options.extra_config
+        );
+        std::fs::write(&config_path, config).expect("the configuration is written");
+
+        let init = run_custos(&["init", "--config", config_path.to_str().unwrap()], &[]);
+        assert!(
+            init.status.success(),
+            "custos init failed: {}",
+            describe(&init)
+        );
+        let stdout = String::from_utf8_lossy(&init.stdout);
+        let root_token = stdout
+            .split_whitespace()
+            .find(|word| word.starts_with("cst_"))
+            .expect("custos init prints the root token")
+            .to_owned();
+
+        let mut broker = Self {
+            directory,
+            config_path,
+            key_file,
+            log_path,
+            address,
+            root_token,
+            database: Some(database),
+            database_url,
+            child: None,
+            http: reqwest::Client::new(),
+        };
+        broker.launch().await;
+        broker
+    }
+
+    /// Starts the server process and waits until it answers its health check.
+    pub async fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("the broker log is writable");
+        let child = Command::new(custos_binary())
+            .args(["server", "--config", self.config_path.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("the broker starts");
+        self.child = Some(child);
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the broker exited with {status}: {}", self.log());
+            }
+            let health = self.http.get(self.url("/v1/health")).send().await;
+            if matches!(&health, Ok(response) if response.status().is_success()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker did not become healthy: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "the broker exited with {status}: {}",
+                    self.log()
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "the broker ignored SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch().await;
+    }
+
+    /// Stops the broker and drops its database.
+    pub async fn finish(mut self) {
+        self.stop().await;
+        if let Some(database) = self.database.take() {
+            database.drop_database().await;
+        }
+    }
+
+    /// Everything the broker wrote to standard output and error so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `GET /v1/secrets/{path}` with the root token.
+    pub async fn read(&self, path: &str) -> Reply {
+        self.send(self.http.get(self.url(&format!("/v1/secrets/{path}"))))
+            .await
+    }
+
+    /// `PUT /v1/secrets/{path}` with `{"data": data}` and the root token.
+    pub async fn write(&self, path: &str, data: Value) -> Reply {
+        self.write_body(path, serde_json::json!({ "data": data }))
+            .await
+    }
+
+    pub async fn write_body(&self, path: &str, body: Value) -> Reply {
+        self.send(
+            self.http
+                .put(self.url(&format!("/v1/secrets/{path}")))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// `GET /v1/secrets/{prefix}?list=true`.
+    pub async fn list(&self, prefix: &str) -> Reply {
+        self.send(
+            self.http
+                .get(self.url(&format!("/v1/secrets/{prefix}?list=true"))),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/secrets/{path_and_query}`.
+    pub async fn delete(&self, path_and_query: &str) -> Reply {
+        self.send(
+            self.http
+                .delete(self.url(&format!("/v1/secrets/{path_and_query}"))),
+        )
+        .await
+    }
+
+    /// Sends `request` with the root token.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        Reply::from(
+            request
+                .bearer_auth(&self.root_token)
+                .send()
+                .await
+                .expect("the broker answers"),
+        )
+        .await
+    }
+
+    /// Sends raw bytes over a fresh TCP connection, so that paths reach the broker exactly
+    /// as written (HTTP client libraries normalise `..` and percent-encoded dots away).
+    pub async fn raw(&self, method: &str, target: &str, body: &str) -> Reply {
+        let mut stream = tokio::net::TcpStream::connect(&self.address).await.unwrap();
+        let request = format!(
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.address,
+            self.root_token,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .expect("an HTTP status line");
+        Reply {
+            status,
+            body: serde_json::from_str(body).unwrap_or(Value::Null),
+            headers: reqwest::header::HeaderMap::new(),
+        }
+    }
+
+    /// Runs `custos secret ...` (or any subcommand) against this broker with the root token.
+    pub fn cli(&self, arguments: &[&str]) -> Output {
+        let address = format!("http://{}", self.address);
+        run_custos(
+            arguments,
+            &[
+                ("CUSTOS_ADDR", address.as_str()),
+                ("CUSTOS_TOKEN", self.root_token.as_str()),
+            ],
+        )
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the `custos` binary to completion with extra environment variables.
+pub fn run_custos(arguments: &[&str], environment: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(custos_binary());
+    command
+        .args(arguments)
+        .env_remove("CUSTOS_ADDR")
+        .env_remove("CUSTOS_TOKEN")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    for (name, value) in environment {
+        command.env(name, value);
+    }
+    command.output().expect("the custos binary runs")
+}
+
+/// Standard output and error of a finished command, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// An HTTP answer: status, JSON body (or null) and headers.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Reply {
+    async fn from(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.unwrap_or_default();
+        Self {
+            status,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            headers,
+        }
+    }
+
+    /// The error code of an error answer.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    /// Asserts the status and, for errors, that the body has the documented shape.
+    #[track_caller]
+    pub fn expect(&self, status: u16) -> &Self {
+        assert_eq!(self.status, status, "unexpected answer: {:#}", self.body);
+        if status >= 400 {
+            assert!(
+                self.body["error"]["code"].is_string() && self.body["error"]["message"].is_string(),
+                "error bodies are {{\"error\": {{\"code\", \"message\"}}}}: {}",
+                self.body
+            );
+        }
+        self
+    }
+
+    #[track_caller]
+    pub fn expect_error(&self, status: u16, code: &str) -> &Self {
+        self.expect(status);
+        assert_eq!(self.code(), code, "{}", self.body);
+        self
+    }
+}

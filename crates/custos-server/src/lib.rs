@@ -1,1 +1,146 @@
-//! placeholder
+//! Custos's HTTP API over axum: routes, authentication, limits and JSON errors.
+//!
+//! - [`middleware`]: request ids, one span and one log line per request, the request
+//!   timeout, and bearer-token authentication.
+//! - [`secrets`]: `/v1/secrets/...` handlers over the mount table.
+//! - [`wire`]: the JSON shapes, stable across backends.
+//! - [`error`]: the error body and the mapping of every failure to a status.
+//! - [`token`]: token generation, hashing and constant-time verification.
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod middleware;
+pub mod secrets;
+pub mod token;
+pub mod wire;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use custos_core::MountTable;
+use custos_storage::Database;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::error::ApiError;
+pub use crate::token::{Authenticator, Principal, TokenSecret};
+
+/// Limits and timeouts of the HTTP server.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Largest accepted request body.
+    pub max_request_bytes: usize,
+    /// Longest time a request may take before it is answered with 503.
+    pub request_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub mounts: Arc<MountTable>,
+    pub authenticator: Arc<Authenticator>,
+    pub database: Database,
+    pub settings: ServerSettings,
+}
+
+/// The complete router of the API.
+pub fn router(state: AppState) -> Router {
+    let secret_routes = || {
+        get(secrets::read)
+            .put(secrets::write)
+            .delete(secrets::delete)
+    };
+    let authenticated = Router::new()
+        .route("/v1/secrets/{*path}", secret_routes())
+        // Without a path these answer 400 `invalid_path`, not 404: the endpoint exists.
+        .route("/v1/secrets", secret_routes())
+        .route("/v1/secrets/", secret_routes())
+        .route("/v1/mounts", get(list_mounts))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::authenticate,
+        ));
+
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(authenticated)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::observe,
+        ))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then drains open requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    match state.database.ping().await {
+        Ok(()) => Json(json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "database": state.database.kind().as_str(),
+        }))
+        .into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "health check: database unavailable");
+            ApiError::not_ready("the broker's database is not answering").into_response()
+        }
+    }
+}
+
+async fn list_mounts(State(state): State<AppState>) -> Response {
+    let mounts: Vec<_> = state
+        .mounts
+        .mounts()
+        .iter()
+        .map(|mount| {
+            json!({
+                "path": mount.path.as_str(),
+                "backend": mount.backend.kind(),
+                "read_only": mount.read_only,
+            })
+        })
+        .collect();
+    Json(json!({ "mounts": mounts })).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found(
+        "route_not_found",
+        "no such endpoint; the API lives under /v1 (see docs/API.md)",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that HTTP method",
+    )
+}

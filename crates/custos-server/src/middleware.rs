@@ -1,0 +1,121 @@
+//! Cross-cutting request handling: request ids, the per-request span and log line,
+//! the request timeout, and token authentication.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::token::TokenSecret;
+use crate::AppState;
+
+/// Header carrying the request id back to the client.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Header alternative to `Authorization: Bearer`.
+pub const TOKEN_HEADER: &str = "x-custos-token";
+
+/// The id of the request being handled, for handlers and error reports.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Gives every request an id, a span, a timeout and one summary log line.
+pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    request
+        .extensions_mut()
+        .insert(RequestId(request_id.clone()));
+
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %method,
+        route = %route,
+        principal = tracing::field::Empty,
+    );
+    let timeout = state.settings.request_timeout;
+    let mut response = async move {
+        match tokio::time::timeout(timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => timed_out(timeout),
+        }
+    }
+    .instrument(span.clone())
+    .await;
+
+    let status = response.status().as_u16();
+    let error_code = response.extensions().get::<ErrorCode>().map(|code| code.0);
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        tracing::info!(status, error_code, latency_ms, "request finished");
+    });
+
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+fn timed_out(timeout: Duration) -> Response {
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "request_timeout",
+        format!(
+            "the request did not complete within {} ms; retry later",
+            timeout.as_millis()
+        ),
+    )
+    .into_response()
+}
+
+/// Refuses requests without a valid token and records the principal for handlers.
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let token = match presented_token(request.headers()) {
+        Ok(Some(token)) => token,
+        Ok(None) => return ApiError::missing_token().into_response(),
+        Err(error) => return error.into_response(),
+    };
+
+    let Some(principal) = state.authenticator.verify(&token) else {
+        tracing::info!("request refused: invalid token");
+        return ApiError::invalid_token().into_response();
+    };
+    tracing::Span::current().record("principal", principal.accessor.as_str());
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+fn presented_token(headers: &HeaderMap) -> Result<Option<TokenSecret>, ApiError> {
+    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+        let text = value.to_str().map_err(|_| ApiError::invalid_token())?;
+        let Some((scheme, token)) = text.split_once(' ') else {
+            return Err(ApiError::invalid_token());
+        };
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ApiError::bad_request(
+                "unsupported_authorization",
+                "only `Authorization: Bearer TOKEN` is supported",
+            ));
+        }
+        return Ok(Some(TokenSecret::new(token.trim().to_owned())));
+    }
+    if let Some(value) = headers.get(TOKEN_HEADER) {
+        let text = value.to_str().map_err(|_| ApiError::invalid_token())?;
+        return Ok(Some(TokenSecret::new(text.trim().to_owned())));
+    }
+    Ok(None)
+}

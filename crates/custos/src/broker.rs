@@ -1,0 +1,334 @@
+//! Starting the broker (`server`, `dev`) and preparing its store (`init`, `key rotate`).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use custos_core::{Mount, MountTable, SecretBackend, SecretPath};
+use custos_local::LocalBackendSettings;
+use custos_local::{KeyError, KeySource, Keyring, KeyringHandle, LocalBackend};
+use custos_server::token::{create_root_token, TokenSecret};
+use custos_server::{AppState, Authenticator, ServerSettings};
+use custos_storage::local_secrets::LocalSecretRepository;
+use custos_storage::tokens::TokenRepository;
+use custos_storage::Database;
+
+use crate::cli::{DevArguments, InitArguments, LogArguments, RotateArguments, ServerArguments};
+use crate::config::{LogFormat, MountSettings, Settings};
+use crate::logging;
+
+/// The mount every dev broker has.
+const DEV_MOUNT: &str = "secret";
+
+pub async fn server(arguments: ServerArguments) -> anyhow::Result<()> {
+    let settings = Settings::load(&arguments.config)?;
+    init_logging(&settings, &arguments.log);
+
+    let (database, state) = open(&settings).await?;
+    if !state.authenticator.has_root_token() {
+        bail!(
+            "the store has no root token yet; run `custos init --config {}` first",
+            arguments.config.display()
+        );
+    }
+    run(settings.listen, database, state, None).await
+}
+
+pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
+    let data_directory = match arguments.data_dir {
+        Some(directory) => directory,
+        None => default_data_directory()?,
+    };
+    create_private_directory(&data_directory)?;
+    let key_file = data_directory.join("keyring");
+    if !key_file.exists() {
+        Keyring::generate()?.save(&key_file)?;
+    }
+
+    let settings = Settings {
+        listen: arguments.addr,
+        max_request_bytes: ServerSettings::default().max_request_bytes,
+        request_timeout: ServerSettings::default().request_timeout,
+        storage_url: format!("sqlite://{}", data_directory.join("custos.db").display()),
+        key_source: KeySource::File(key_file),
+        log_format: arguments.log.log_format.unwrap_or(LogFormat::Text),
+        log_level: arguments
+            .log
+            .log_level
+            .clone()
+            .unwrap_or_else(|| "info".to_owned()),
+        mounts: vec![MountSettings {
+            path: SecretPath::parse(DEV_MOUNT).expect("the dev mount path is valid"),
+            read_only: false,
+            max_versions: custos_local::backend::DEFAULT_MAX_VERSIONS,
+        }],
+    };
+    init_logging(&settings, &arguments.log);
+
+    let (database, mut state) = open(&settings).await?;
+    let token = dev_root_token(&database, &state.authenticator, &data_directory).await?;
+    state.authenticator =
+        Arc::new(Authenticator::load(&TokenRepository::new(database.pool().clone())).await?);
+
+    let banner = DevBanner {
+        data_directory,
+        token,
+    };
+    run(settings.listen, database, state, Some(banner)).await
+}
+
+pub async fn init(arguments: InitArguments) -> anyhow::Result<()> {
+    let settings = Settings::load(&arguments.config)?;
+    logging::init(settings.log_format, &settings.log_level);
+
+    if let KeySource::File(path) = &settings.key_source {
+        if !path.exists() {
+            Keyring::generate()?.save(path)?;
+            println!(
+                "Created key file {} (mode 0600). Back it up: without it the",
+                path.display()
+            );
+            println!("local store cannot be decrypted.");
+        }
+    }
+
+    let database = Database::connect(&settings.storage_url).await?;
+    let keyring = KeyringHandle::load(settings.key_source.clone())?;
+    check_active_key(&database, &keyring).await?;
+
+    let tokens = TokenRepository::new(database.pool().clone());
+    if !tokens.root_tokens().await?.is_empty() {
+        bail!("this store is already initialised: it has a root token");
+    }
+    let token = create_root_token(&tokens).await?;
+    println!("Initialised the {} store.", database.kind().as_str());
+    println!();
+    println!("Root token (shown once; store it in a password manager):");
+    println!();
+    println!("    {}", token.expose());
+    database.close().await;
+    Ok(())
+}
+
+pub async fn rotate(arguments: RotateArguments) -> anyhow::Result<()> {
+    let settings = Settings::load(&arguments.config)?;
+    logging::init(settings.log_format, &settings.log_level);
+
+    let database = Database::connect(&settings.storage_url).await?;
+    let repository = LocalSecretRepository::new(database.pool().clone());
+    let report = custos_local::rotate_key(&settings.key_source, &repository).await?;
+    println!(
+        "Rotated to key {}; re-wrapped {} data keys; retired {}.",
+        report.new_key_id,
+        report.rewrapped,
+        report.old_key_ids.join(", ")
+    );
+    database.close().await;
+    Ok(())
+}
+
+fn init_logging(settings: &Settings, overrides: &LogArguments) {
+    let format = overrides.log_format.unwrap_or(settings.log_format);
+    let level = overrides
+        .log_level
+        .as_deref()
+        .unwrap_or(&settings.log_level);
+    logging::init(format, level);
+}
+
+/// Connects to the store, checks the keyring against it and builds the handlers' state.
+async fn open(settings: &Settings) -> anyhow::Result<(Database, AppState)> {
+    let database = Database::connect(&settings.storage_url).await?;
+    let keyring = Arc::new(KeyringHandle::load(settings.key_source.clone())?);
+    check_active_key(&database, &keyring).await?;
+
+    let repository = LocalSecretRepository::new(database.pool().clone());
+    let mut mounts = Vec::new();
+    for mount in &settings.mounts {
+        let backend: Arc<dyn SecretBackend> = Arc::new(LocalBackend::new(
+            LocalBackendSettings {
+                mount: mount.path.to_string(),
+                max_versions: mount.max_versions,
+            },
+            repository.clone(),
+            keyring.clone(),
+        ));
+        mounts.push(Mount {
+            path: mount.path.clone(),
+            backend,
+            read_only: mount.read_only,
+        });
+    }
+
+    let authenticator = Authenticator::load(&TokenRepository::new(database.pool().clone())).await?;
+    let state = AppState {
+        mounts: Arc::new(MountTable::new(mounts)?),
+        authenticator: Arc::new(authenticator),
+        database: database.clone(),
+        settings: ServerSettings {
+            max_request_bytes: settings.max_request_bytes,
+            request_timeout: settings.request_timeout,
+        },
+    };
+    Ok((database, state))
+}
+
+/// Refuses to start with a keyring that does not hold the store's active key: every
+/// write would fail and every read would be unreadable.
+async fn check_active_key(database: &Database, keyring: &KeyringHandle) -> anyhow::Result<()> {
+    let repository = LocalSecretRepository::new(database.pool().clone());
+    let newest = keyring.snapshot().newest().id().to_owned();
+    let active = repository.initialise_active_key(&newest).await?;
+    if keyring.key(&active).is_none() {
+        return Err(KeyError::ActiveKeyMissing {
+            key_id: active,
+            source_name: keyring.source().to_string(),
+        }
+        .into());
+    }
+    tracing::debug!(active_key_id = %active, "keyring matches the store");
+    Ok(())
+}
+
+struct DevBanner {
+    data_directory: PathBuf,
+    token: TokenSecret,
+}
+
+async fn run(
+    listen: SocketAddr,
+    database: Database,
+    state: AppState,
+    banner: Option<DevBanner>,
+) -> anyhow::Result<()> {
+    let mount_paths: Vec<String> = state
+        .mounts
+        .mounts()
+        .iter()
+        .map(|mount| mount.path.to_string())
+        .collect();
+    let router = custos_server::router(state);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, database = database.kind().as_str(), mounts = ?mount_paths,
+        "custos is listening");
+    if let Some(banner) = banner {
+        print_banner(address, &banner);
+    }
+
+    custos_server::serve(listener, router, shutdown_signal()).await?;
+    // Give in-flight database work a moment to finish before closing the pool.
+    tokio::time::timeout(Duration::from_secs(5), database.close())
+        .await
+        .ok();
+    tracing::info!("custos stopped");
+    Ok(())
+}
+
+fn print_banner(address: SocketAddr, banner: &DevBanner) {
+    let url = format!("http://{address}");
+    let token = banner.token.expose();
+    let mut out = std::io::stdout().lock();
+    // The banner goes to standard output, never to the log: it carries the root token.
+    let _ = writeln!(
+        out,
+        "Custos dev broker listening on {url}\n\
+         \n  data directory: {}\n  root token:     {token}\n  mount:          {DEV_MOUNT}/ (local, encrypted)\n\
+         \nTry it:\n\
+         \n  export CUSTOS_ADDR={url}\
+         \n  export CUSTOS_TOKEN={token}\
+         \n  custos secret put {DEV_MOUNT}/hello greeting=world\
+         \n  curl -H \"Authorization: Bearer $CUSTOS_TOKEN\" $CUSTOS_ADDR/v1/secrets/{DEV_MOUNT}/hello\n\
+         \nDev mode keeps the root token in the data directory. Do not use it in production.\n",
+        banner.data_directory.display()
+    );
+    let _ = out.flush();
+}
+
+/// The dev root token: reused from the data directory when the store still knows it,
+/// created (and saved there) otherwise.
+async fn dev_root_token(
+    database: &Database,
+    authenticator: &Authenticator,
+    data_directory: &Path,
+) -> anyhow::Result<TokenSecret> {
+    let token_file = data_directory.join("root-token");
+    if let Ok(text) = std::fs::read_to_string(&token_file) {
+        let token = TokenSecret::new(text.trim().to_owned());
+        if authenticator.verify(&token).is_some() {
+            return Ok(token);
+        }
+    }
+
+    let token = create_root_token(&TokenRepository::new(database.pool().clone())).await?;
+    write_private_file(&token_file, token.expose())?;
+    Ok(token)
+}
+
+fn default_data_directory() -> anyhow::Result<PathBuf> {
+    if let Some(data_home) = std::env::var_os("XDG_DATA_HOME").filter(|value| !value.is_empty()) {
+        return Ok(PathBuf::from(data_home).join("custos"));
+    }
+    let Some(home) = std::env::var_os("HOME").filter(|value| !value.is_empty()) else {
+        bail!("cannot find a home directory for the dev data; pass --data-dir DIR");
+    };
+    Ok(PathBuf::from(home).join(".local/share/custos"))
+}
+
+fn create_private_directory(path: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path)
+        .with_context(|| format!("cannot create the data directory {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
+    }
+    Ok(())
+}
+
+fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+}

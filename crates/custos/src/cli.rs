@@ -1,0 +1,179 @@
+//! Command-line arguments of `custos`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::LogFormat;
+
+/// Custos: a secret broker that hands short-lived secrets to workloads and audits every
+/// access.
+#[derive(Debug, Parser)]
+#[command(name = "custos", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker with a configuration file.
+    Server(ServerArguments),
+
+    /// Run a broker for development: SQLite and a generated key under a data directory,
+    /// reused on the next run.
+    Dev(DevArguments),
+
+    /// Prepare a configured broker: create the key file if missing, the database tables
+    /// and the root token (printed once).
+    Init(InitArguments),
+
+    /// Manage the key-encryption keys of the local store.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+
+    /// Read and write secrets through a running broker's HTTP API.
+    Secret {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LogArguments {
+    /// Log format; overrides the configuration file.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter such as `info` or `info,custos_server=debug`; overrides the
+    /// configuration file. RUST_LOG wins over both.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArguments {
+    /// Configuration file (see config/custos.toml for every option).
+    #[arg(long, short, env = "CUSTOS_CONFIG")]
+    pub config: PathBuf,
+
+    #[command(flatten)]
+    pub log: LogArguments,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArguments {
+    /// Where the dev broker keeps its database, key file and root token. Defaults to
+    /// $XDG_DATA_HOME/custos or ~/.local/share/custos.
+    #[arg(long, env = "CUSTOS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Address to listen on. Keep it on loopback: dev mode prints its root token.
+    #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
+    pub addr: SocketAddr,
+
+    #[command(flatten)]
+    pub log: LogArguments,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArguments {
+    /// Configuration file of the broker to prepare.
+    #[arg(long, short, env = "CUSTOS_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a new key-encryption key and re-wrap every data key under it. Safe while
+    /// the broker runs; safe to run again if interrupted.
+    Rotate(RotateArguments),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArguments {
+    /// Configuration file of the broker whose keys to rotate.
+    #[arg(long, short, env = "CUSTOS_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Broker address.
+    #[arg(
+        long,
+        env = "CUSTOS_ADDR",
+        default_value = "http://127.0.0.1:8270",
+        global = true
+    )]
+    pub addr: String,
+
+    /// Token to authenticate with. Prefer the environment variable: arguments are visible
+    /// to other users in the process list.
+    #[arg(long, env = "CUSTOS_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text, global = true)]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Print a secret's fields (the latest version, or --version N).
+    Get {
+        /// Secret path, such as secret/app/db.
+        path: String,
+        /// Read this version instead of the latest.
+        #[arg(long)]
+        version: Option<u64>,
+        /// Print only this field's value, as raw bytes (useful in scripts).
+        #[arg(long)]
+        field: Option<String>,
+    },
+
+    /// Write a new version of a secret from NAME=VALUE pairs.
+    ///
+    /// VALUE may be `@FILE` to read a file or `-` to read standard input, which keeps
+    /// secret values out of shell history.
+    Put {
+        /// Secret path, such as secret/app/db.
+        path: String,
+        /// Fields as NAME=VALUE, NAME=@FILE or NAME=-.
+        #[arg(required = true, value_name = "NAME=VALUE")]
+        fields: Vec<String>,
+        /// Write only if the current version is this one (0: only if it does not exist).
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+
+    /// List the secrets and folders under a prefix.
+    List {
+        /// A mount or a folder, such as secret or secret/app.
+        prefix: String,
+    },
+
+    /// Delete the latest version (restorable), given versions, or destroy for good.
+    Delete {
+        /// Secret path, such as secret/app/db.
+        path: String,
+        /// Comma-separated versions, such as 1,2. Default: the latest (or all with
+        /// --destroy).
+        #[arg(long)]
+        versions: Option<String>,
+        /// Erase the content for good instead of hiding it.
+        #[arg(long)]
+        destroy: bool,
+    },
+}

@@ -1,0 +1,484 @@
+//! The broker's configuration: a TOML file, then `CUSTOS_<SECTION>_<KEY>` environment
+//! overrides, then validation that names the key at fault and how to fix it.
+//!
+//! `config/custos.toml` shows every option with a comment. Unknown keys are errors, in the
+//! file and in the environment, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use custos_core::SecretPath;
+use custos_local::KeySource;
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub mounts: Vec<MountConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: u64,
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_request_bytes: default_max_request_bytes(),
+            request_timeout: default_request_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    pub file: Option<PathBuf>,
+    pub env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountConfig {
+    pub path: String,
+    pub backend: String,
+    #[serde(default)]
+    pub read_only: bool,
+    pub max_versions: Option<u64>,
+}
+
+/// Default listen address of `custos server` and `custos dev`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8270";
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_owned()
+}
+
+fn default_max_request_bytes() -> u64 {
+    1024 * 1024
+}
+
+fn default_request_timeout() -> String {
+    "10s".to_owned()
+}
+
+fn default_log_format() -> String {
+    "text".to_owned()
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// The configuration after validation, in the types the broker uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub max_request_bytes: usize,
+    pub request_timeout: Duration,
+    pub storage_url: String,
+    pub key_source: KeySource,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub mounts: Vec<MountSettings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct MountSettings {
+    pub path: SecretPath,
+    pub read_only: bool,
+    pub max_versions: u64,
+}
+
+/// Environment overrides: variable, section, key, and whether the value is a number.
+const ENVIRONMENT_OVERRIDES: &[(&str, &str, &str, bool)] = &[
+    ("CUSTOS_SERVER_LISTEN", "server", "listen", false),
+    (
+        "CUSTOS_SERVER_MAX_REQUEST_BYTES",
+        "server",
+        "max_request_bytes",
+        true,
+    ),
+    (
+        "CUSTOS_SERVER_REQUEST_TIMEOUT",
+        "server",
+        "request_timeout",
+        false,
+    ),
+    ("CUSTOS_STORAGE_URL", "storage", "url", false),
+    ("CUSTOS_KEYS_FILE", "keys", "file", false),
+    ("CUSTOS_KEYS_ENV", "keys", "env", false),
+    ("CUSTOS_LOG_FORMAT", "log", "format", false),
+    ("CUSTOS_LOG_LEVEL", "log", "level", false),
+];
+
+impl Settings {
+    /// Reads `path`, applies environment overrides and validates the result.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+        let environment: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_text(&text, path.parent(), &environment)
+            .with_context(|| format!("invalid configuration in {}", path.display()))
+    }
+
+    /// Parses configuration text; relative key file paths are taken from `base_directory`.
+    pub fn from_text(
+        text: &str,
+        base_directory: Option<&Path>,
+        environment: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        let mut document: toml::Table = toml::from_str(text)?;
+        apply_environment(&mut document, environment)?;
+        let config: Config = toml::Value::Table(document).try_into()?;
+        validate(config, base_directory)
+    }
+}
+
+fn apply_environment(
+    document: &mut toml::Table,
+    environment: &[(String, String)],
+) -> anyhow::Result<()> {
+    for (name, value) in environment {
+        let known = ENVIRONMENT_OVERRIDES
+            .iter()
+            .find(|(variable, ..)| variable == name);
+        let Some((_, section, key, numeric)) = known else {
+            let is_config_section = [
+                "CUSTOS_SERVER_",
+                "CUSTOS_STORAGE_",
+                "CUSTOS_KEYS_",
+                "CUSTOS_LOG_",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix));
+            if is_config_section {
+                bail!(
+                    "environment variable {name} is not a setting; known overrides are {}",
+                    ENVIRONMENT_OVERRIDES
+                        .iter()
+                        .map(|(variable, ..)| *variable)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            continue;
+        };
+
+        let parsed = if *numeric {
+            toml::Value::Integer(value.parse().with_context(|| {
+                format!("environment variable {name} must be a whole number, not `{value}`")
+            })?)
+        } else {
+            toml::Value::String(value.clone())
+        };
+        let table = document
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(table) = table.as_table_mut() else {
+            bail!("configuration key `{section}` must be a table");
+        };
+        // A key source chosen in the environment replaces the file's choice of source.
+        if *section == "keys" {
+            table.clear();
+        }
+        table.insert(key.to_string(), parsed);
+    }
+    Ok(())
+}
+
+fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Settings> {
+    let listen: SocketAddr = config.server.listen.parse().with_context(|| {
+        format!(
+            "`server.listen` is `{}`; use IP:PORT, such as {DEFAULT_LISTEN}",
+            config.server.listen
+        )
+    })?;
+
+    let max_request_bytes = config.server.max_request_bytes;
+    if !(1024..=64 * 1024 * 1024).contains(&max_request_bytes) {
+        bail!("`server.max_request_bytes` is {max_request_bytes}; use 1024 to 67108864");
+    }
+    let request_timeout = parse_duration(&config.server.request_timeout).with_context(|| {
+        format!(
+            "`server.request_timeout` is `{}`; use a duration such as 500ms, 10s or 1m",
+            config.server.request_timeout
+        )
+    })?;
+
+    let storage_url = resolve_sqlite_path(config.storage.url.trim(), base_directory);
+    if !(storage_url.starts_with("sqlite:")
+        || storage_url.starts_with("postgres://")
+        || storage_url.starts_with("postgresql://"))
+    {
+        bail!(
+            "`storage.url` must start with sqlite:// (embedded) or postgres:// (production), \
+             such as sqlite:///var/lib/custos/custos.db"
+        );
+    }
+
+    let key_source = match (config.keys.file, config.keys.env) {
+        (Some(file), None) => KeySource::File(match base_directory {
+            Some(base) if file.is_relative() => base.join(file),
+            _ => file,
+        }),
+        (None, Some(variable)) if !variable.is_empty() => KeySource::Environment(variable),
+        (None, _) => bail!(
+            "`keys` needs `file` (a key file created by `custos init`) or `env` (the name of \
+             an environment variable holding the keys)"
+        ),
+        (Some(_), Some(_)) => bail!("`keys.file` and `keys.env` are both set; keep only one"),
+    };
+
+    let log_format = match config.log.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => bail!("`log.format` is `{other}`; use `text` or `json`"),
+    };
+    tracing_subscriber::EnvFilter::try_new(&config.log.level).with_context(|| {
+        format!(
+            "`log.level` is `{}`; use error, warn, info, debug or trace",
+            config.log.level
+        )
+    })?;
+
+    let mounts = validate_mounts(config.mounts)?;
+    Ok(Settings {
+        listen,
+        max_request_bytes: usize::try_from(max_request_bytes)?,
+        request_timeout,
+        storage_url,
+        key_source,
+        log_format,
+        log_level: config.log.level,
+        mounts,
+    })
+}
+
+fn validate_mounts(mounts: Vec<MountConfig>) -> anyhow::Result<Vec<MountSettings>> {
+    if mounts.is_empty() {
+        bail!("no `[[mounts]]` are configured; add one, such as path = \"secret\", backend = \"local\"");
+    }
+
+    let mut validated: Vec<MountSettings> = Vec::new();
+    for (index, mount) in mounts.into_iter().enumerate() {
+        let key = format!("mounts[{index}]");
+        let path = SecretPath::parse(&mount.path)
+            .with_context(|| format!("`{key}.path` `{}` is not a valid path", mount.path))?;
+        if validated.iter().any(|other| other.path == path) {
+            bail!("`{key}.path` `{path}` is used by another mount; give each mount its own path");
+        }
+        if mount.backend != "local" {
+            bail!(
+                "`{key}.backend` is `{}`; the backends available are: local",
+                mount.backend
+            );
+        }
+        let max_versions = mount
+            .max_versions
+            .unwrap_or(custos_local::backend::DEFAULT_MAX_VERSIONS);
+        if !(1..=1000).contains(&max_versions) {
+            bail!("`{key}.max_versions` is {max_versions}; use 1 to 1000");
+        }
+        validated.push(MountSettings {
+            path,
+            read_only: mount.read_only,
+            max_versions,
+        });
+    }
+    Ok(validated)
+}
+
+/// A relative SQLite path is taken from the configuration file's directory, like the key
+/// file, so that a configuration means the same wherever the broker is started from.
+fn resolve_sqlite_path(url: &str, base_directory: Option<&Path>) -> String {
+    let Some(path) = url.strip_prefix("sqlite://") else {
+        return url.to_owned();
+    };
+    match base_directory {
+        Some(base) if !path.starts_with('/') && !path.starts_with(':') => {
+            format!("sqlite://{}", base.join(path).display())
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Parses `500ms`, `10s`, `5m` or `1h`.
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|character: char| !character.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().context("the duration has no number")?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        _ => bail!("unknown unit `{unit}`"),
+    };
+    if duration.is_zero() {
+        bail!("the duration must be longer than zero");
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [storage]
+        url = "sqlite:///tmp/custos.db"
+        [keys]
+        file = "keyring"
+        [[mounts]]
+        path = "secret"
+        backend = "local"
+    "#;
+
+    fn load(text: &str, environment: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        let environment: Vec<(String, String)> = environment
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        Settings::from_text(text, Some(Path::new("/etc/custos")), &environment)
+    }
+
+    fn error_of(text: &str, environment: &[(&str, &str)]) -> String {
+        format!("{:#}", load(text, environment).unwrap_err())
+    }
+
+    #[test]
+    fn minimal_configuration_gets_defaults() {
+        let settings = load(MINIMAL, &[]).unwrap();
+        assert_eq!(settings.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(settings.request_timeout, Duration::from_secs(10));
+        assert_eq!(
+            settings.key_source,
+            KeySource::File(PathBuf::from("/etc/custos/keyring"))
+        );
+        assert_eq!(settings.mounts[0].max_versions, 10);
+        assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(settings.storage_url, "sqlite:///tmp/custos.db");
+
+        let relative = load(&MINIMAL.replace("sqlite:///tmp/", "sqlite://data/"), &[]).unwrap();
+        assert_eq!(relative.storage_url, "sqlite:///etc/custos/data/custos.db");
+    }
+
+    #[test]
+    fn the_example_configuration_is_valid() {
+        let text = include_str!("../../../config/custos.toml");
+        load(text, &[]).unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let settings = load(
+            MINIMAL,
+            &[
+                ("CUSTOS_SERVER_LISTEN", "0.0.0.0:9000"),
+                ("CUSTOS_KEYS_ENV", "MY_KEYS"),
+                ("CUSTOS_SERVER_MAX_REQUEST_BYTES", "4096"),
+                ("CUSTOS_ADDR", "not a setting, ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(settings.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(
+            settings.key_source,
+            KeySource::Environment("MY_KEYS".to_owned())
+        );
+        assert_eq!(settings.max_request_bytes, 4096);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let unknown = error_of(&format!("{MINIMAL}\n[server]\nlisten_addr = \"x\"\n"), &[]);
+        assert!(unknown.contains("listen_addr"), "{unknown}");
+
+        let listen = error_of(MINIMAL, &[("CUSTOS_SERVER_LISTEN", "localhost")]);
+        assert!(
+            listen.contains("`server.listen`") && listen.contains("IP:PORT"),
+            "{listen}"
+        );
+
+        let typo = error_of(MINIMAL, &[("CUSTOS_SERVER_LISTN", "x")]);
+        assert!(
+            typo.contains("CUSTOS_SERVER_LISTN is not a setting"),
+            "{typo}"
+        );
+
+        let timeout = error_of(MINIMAL, &[("CUSTOS_SERVER_REQUEST_TIMEOUT", "10 parsecs")]);
+        assert!(timeout.contains("`server.request_timeout`"), "{timeout}");
+
+        let backend = error_of(&MINIMAL.replace("\"local\"", "\"vault\""), &[]);
+        assert!(backend.contains("`mounts[0].backend`"), "{backend}");
+
+        let path = error_of(&MINIMAL.replace("\"secret\"", "\"a/../b\""), &[]);
+        assert!(path.contains("`mounts[0].path`"), "{path}");
+
+        let storage = error_of(
+            &MINIMAL.replace("sqlite:///tmp/custos.db", "mysql://x"),
+            &[],
+        );
+        assert!(storage.contains("`storage.url`"), "{storage}");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("10").is_err());
+    }
+}
