@@ -299,7 +299,8 @@ impl Broker {
         let mut stream = tokio::net::TcpStream::connect(&self.address).await.unwrap();
         let request = format!(
             "{method} {target} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+             Content-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
             self.address,
             self.root_token,
             body.len()

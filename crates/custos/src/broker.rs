@@ -237,15 +237,18 @@ fn print_banner(address: SocketAddr, banner: &DevBanner) {
     // The banner goes to standard output, never to the log: it carries the root token.
     let _ = writeln!(
         out,
-        "Custos dev broker listening on {url}\n\
-         \n  data directory: {}\n  root token:     {token}\n  mount:          {DEV_MOUNT}/ (local, encrypted)\n\
-         \nTry it:\n\
-         \n  export CUSTOS_ADDR={url}\
-         \n  export CUSTOS_TOKEN={token}\
-         \n  custos secret put {DEV_MOUNT}/hello greeting=world\
-         \n  curl -H \"Authorization: Bearer $CUSTOS_TOKEN\" $CUSTOS_ADDR/v1/secrets/{DEV_MOUNT}/hello\n\
-         \nDev mode keeps the root token in the data directory. Do not use it in production.\n",
-        banner.data_directory.display()
+        "Custos dev broker listening on {url}\n\n\
+         \x20 data directory: {directory}\n\
+         \x20 root token:     {token}\n\
+         \x20 mount:          {DEV_MOUNT}/ (local, encrypted)\n\n\
+         Try it:\n\n\
+         \x20 export CUSTOS_ADDR={url}\n\
+         \x20 export CUSTOS_TOKEN={token}\n\
+         \x20 custos secret put {DEV_MOUNT}/hello greeting=world\n\
+         \x20 curl -H \"Authorization: Bearer $CUSTOS_TOKEN\" \\\n\
+         \x20      $CUSTOS_ADDR/v1/secrets/{DEV_MOUNT}/hello\n\n\
+         Dev mode keeps the root token in the data directory. Do not use it in production.\n",
+        directory = banner.data_directory.display()
     );
     let _ = out.flush();
 }

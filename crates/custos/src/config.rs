@@ -305,7 +305,10 @@ fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Set
 
 fn validate_mounts(mounts: Vec<MountConfig>) -> anyhow::Result<Vec<MountSettings>> {
     if mounts.is_empty() {
-        bail!("no `[[mounts]]` are configured; add one, such as path = \"secret\", backend = \"local\"");
+        bail!(
+            "no `[[mounts]]` are configured; add one, such as \
+             path = \"secret\", backend = \"local\""
+        );
     }
 
     let mut validated: Vec<MountSettings> = Vec::new();

@@ -1,0 +1,285 @@
+//! The `custos` command as people and scripts use it: pinned text output, JSON output,
+//! errors, and the embedded dev mode.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use custos_end_to_end::{custos_binary, describe, free_port, run_custos, Broker, DatabaseKind};
+use serde_json::Value;
+
+fn stdout_of(output: &std::process::Output) -> String {
+    assert!(output.status.success(), "{}", describe(output));
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_list_delete_print_stable_text() {
+    let broker = Broker::start(DatabaseKind::Sqlite).await;
+
+    let put = broker.cli(&[
+        "secret",
+        "put",
+        "secret/app/db",
+        "username=app",
+        "password=hunter2",
+    ]);
+    assert_eq!(stdout_of(&put), "Wrote secret/app/db version 1\n");
+
+    let get = stdout_of(&broker.cli(&["secret", "get", "secret/app/db"]));
+    let lines: Vec<&str> = get.lines().collect();
+    assert_eq!(lines[0], "path      secret/app/db");
+    assert_eq!(lines[1], "version   1");
+    assert!(lines[2].starts_with("created   20"), "{get}");
+    assert_eq!(&lines[3..], ["", "password  hunter2", "username  app"]);
+
+    let field = broker.cli(&["secret", "get", "secret/app/db", "--field", "password"]);
+    assert_eq!(stdout_of(&field), "hunter2\n");
+
+    broker.cli(&["secret", "put", "secret/app/api", "key=abc"]);
+    let list = broker.cli(&["secret", "list", "secret/app"]);
+    assert_eq!(stdout_of(&list), "api\ndb\n");
+    assert_eq!(
+        stdout_of(&broker.cli(&["secret", "list", "secret"])),
+        "app/\n"
+    );
+
+    let delete = broker.cli(&["secret", "delete", "secret/app/api"]);
+    assert_eq!(
+        stdout_of(&delete),
+        "Deleted the latest version of secret/app/api\n"
+    );
+    let destroy = broker.cli(&["secret", "delete", "secret/app/api", "--destroy"]);
+    assert_eq!(
+        stdout_of(&destroy),
+        "Destroyed every version of secret/app/api\n"
+    );
+    broker.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_writes_read_back_over_http_and_versions_are_selectable() {
+    let broker = Broker::start(DatabaseKind::Sqlite).await;
+    broker.cli(&["secret", "put", "secret/svc", "token=first"]);
+    broker.cli(&["secret", "put", "secret/svc", "token=second"]);
+
+    // What the CLI wrote, plain HTTP (as curl would) reads back.
+    let read = broker.read("secret/svc").await;
+    assert_eq!(read.expect(200).body["data"]["token"], "second");
+
+    let json = stdout_of(&broker.cli(&[
+        "secret",
+        "get",
+        "secret/svc",
+        "--version",
+        "1",
+        "--format",
+        "json",
+    ]));
+    let body: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(body["data"]["token"], "first");
+    assert_eq!(body["metadata"]["version"], 1);
+
+    let stale = broker.cli(&["secret", "put", "secret/svc", "token=third", "--cas", "1"]);
+    assert_eq!(stale.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&stale.stderr);
+    assert!(
+        stderr.contains("(check_and_set_mismatch, HTTP 409)"),
+        "{stderr}"
+    );
+    broker.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_come_from_files_and_standard_input() {
+    let broker = Broker::start(DatabaseKind::Sqlite).await;
+    let file = broker.directory.path().join("certificate.der");
+    std::fs::write(&file, [0_u8, 159, 146, 150]).unwrap();
+    let file_argument = format!("certificate=@{}", file.display());
+    stdout_of(&broker.cli(&["secret", "put", "secret/tls", &file_argument]));
+    assert_eq!(
+        broker.read("secret/tls").await.body["data"]["certificate"]["base64"],
+        "AJ+Slg=="
+    );
+    let raw = broker.cli(&["secret", "get", "secret/tls", "--field", "certificate"]);
+    assert!(raw.status.success());
+    assert_eq!(raw.stdout, [0_u8, 159, 146, 150]);
+
+    let mut child = Command::new(custos_binary())
+        .args(["secret", "put", "secret/piped", "password=-"])
+        .env("CUSTOS_ADDR", format!("http://{}", broker.address))
+        .env("CUSTOS_TOKEN", &broker.root_token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from-stdin")
+        .unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    assert_eq!(
+        broker.read("secret/piped").await.body["data"]["password"],
+        "from-stdin"
+    );
+    broker.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_clear_line_and_exit_status_one() {
+    let broker = Broker::start(DatabaseKind::Sqlite).await;
+
+    let missing = broker.cli(&["secret", "get", "secret/none"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        "custos: no secret exists at this path (secret_not_found, HTTP 404)\n"
+    );
+
+    let no_token = run_custos(
+        &["secret", "get", "secret/none"],
+        &[("CUSTOS_ADDR", &format!("http://{}", broker.address))],
+    );
+    assert_eq!(no_token.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_token.stderr).contains("set CUSTOS_TOKEN"));
+
+    let bad_token = run_custos(
+        &["secret", "get", "secret/none"],
+        &[
+            ("CUSTOS_ADDR", &format!("http://{}", broker.address)),
+            ("CUSTOS_TOKEN", "cst_no"),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&bad_token.stderr).contains("(invalid_token, HTTP 401)"));
+
+    let unreachable = run_custos(
+        &["secret", "list", "secret"],
+        &[
+            ("CUSTOS_ADDR", &format!("http://127.0.0.1:{}", free_port())),
+            ("CUSTOS_TOKEN", "x"),
+        ],
+    );
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the broker"));
+    broker.finish().await;
+}
+
+#[test]
+fn help_lists_every_command() {
+    let help = run_custos(&["--help"], &[]);
+    let text = stdout_of(&help);
+    for command in ["server", "dev", "init", "key", "secret"] {
+        assert!(text.contains(&format!("  {command} ")), "{text}");
+    }
+    let secret_help = stdout_of(&run_custos(&["secret", "--help"], &[]));
+    for command in ["get", "put", "list", "delete"] {
+        assert!(
+            secret_help.contains(&format!("  {command} ")),
+            "{secret_help}"
+        );
+    }
+}
+
+/// Starts `custos dev`, returns the child and the root token its banner printed.
+fn start_dev(data_directory: &std::path::Path, address: &str) -> (std::process::Child, String) {
+    let mut child = Command::new(custos_binary())
+        .args([
+            "dev",
+            "--data-dir",
+            data_directory.to_str().unwrap(),
+            "--addr",
+            address,
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut token = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(value) = line.trim().strip_prefix("root token:") {
+            token = Some(value.trim().to_owned());
+        }
+        if line.contains("custos secret put") {
+            break;
+        }
+    }
+    (child, token.expect("the banner shows the root token"))
+}
+
+async fn wait_healthy(address: &str) {
+    for _ in 0..200 {
+        if let Ok(response) = reqwest::get(format!("http://{address}/v1/health")).await {
+            if response.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the dev broker did not become healthy");
+}
+
+fn terminate(mut child: std::process::Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "dev mode exits cleanly on SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_serves_at_once_and_keeps_data_and_token_across_restarts() {
+    let data_directory = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+
+    let (child, token) = start_dev(data_directory.path(), &address);
+    wait_healthy(&address).await;
+    let environment = [
+        ("CUSTOS_ADDR", format!("http://{address}")),
+        ("CUSTOS_TOKEN", token.clone()),
+    ];
+    let environment: Vec<(&str, &str)> = environment
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    let put = run_custos(
+        &["secret", "put", "secret/hello", "greeting=world"],
+        &environment,
+    );
+    assert!(put.status.success(), "{}", describe(&put));
+    terminate(child);
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for file in ["keyring", "root-token"] {
+            let mode = std::fs::metadata(data_directory.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+    }
+
+    let (child, token_again) = start_dev(data_directory.path(), &address);
+    wait_healthy(&address).await;
+    assert_eq!(token_again, token, "the dev root token is reused");
+    let get = run_custos(
+        &["secret", "get", "secret/hello", "--field", "greeting"],
+        &environment,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&get.stdout),
+        "world\n",
+        "{}",
+        describe(&get)
+    );
+    terminate(child);
+}
