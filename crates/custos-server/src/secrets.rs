@@ -203,6 +203,8 @@ fn parse_versions(text: Option<&str>) -> Result<Vec<u64>, ApiError> {
         .collect()
 }
 
+// FIXME: the collected body is a hyper buffer that is not zeroized, so a written secret can
+// linger in freed heap memory until the allocator reuses it.
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
