@@ -145,6 +145,11 @@ async fn errors_are_one_clear_line_and_exit_status_one() {
     assert_eq!(no_token.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&no_token.stderr).contains("set CUSTOS_TOKEN"));
 
+    let traversal = broker.cli(&["secret", "delete", "secret/app/../other", "--destroy"]);
+    assert_eq!(traversal.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&traversal.stderr);
+    assert!(stderr.contains("invalid secret path"), "{stderr}");
+
     let bad_token = run_custos(
         &["secret", "get", "secret/none"],
         &[

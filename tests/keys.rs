@@ -12,6 +12,7 @@ use custos_end_to_end::{
 use serde_json::json;
 
 on_both_databases!(
+    a_server_never_initialises_a_store_by_itself,
     a_keyring_without_the_store_key_is_refused_with_the_key_id,
     rotation_keeps_every_read_working,
 );
@@ -39,12 +40,44 @@ fn server_exit_output(broker: &Broker) -> (bool, String) {
     )
 }
 
-fn key_ids(broker: &Broker) -> Vec<String> {
+fn keyring_lines(broker: &Broker) -> Vec<String> {
     let text = std::fs::read_to_string(&broker.key_file).unwrap();
     text.lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+async fn a_server_never_initialises_a_store_by_itself(kind: DatabaseKind) {
+    let broker = Broker::start(kind).await;
+    let fresh = custos_storage::testing::TestDatabase::create(kind).await;
+    let config = broker.directory.path().join("fresh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"{}\"\n[keys]\nfile = \"fresh-keyring\"\n\
+             [[mounts]]\npath = \"secret\"\nbackend = \"local\"\n",
+            fresh.url
+        ),
+    )
+    .unwrap();
+    // A valid keyring line: base64 of 32 bytes.
+    let key_line = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7_u8; 32]);
+    std::fs::write(broker.directory.path().join("fresh-keyring"), key_line).unwrap();
+
+    let server = run_custos(&["server", "--config", config.to_str().unwrap()], &[]);
+    assert!(!server.status.success());
+    let stderr = String::from_utf8_lossy(&server.stderr);
+    assert!(
+        stderr.contains("store is not initialised; run `custos init"),
+        "{stderr}"
+    );
+
+    // Init still works afterwards, with the key file the operator meant.
+    let init = run_custos(&["init", "--config", config.to_str().unwrap()], &[]);
+    assert!(init.status.success(), "{}", describe(&init));
+    fresh.drop_database().await;
+    broker.finish().await;
 }
 
 async fn a_keyring_without_the_store_key_is_refused_with_the_key_id(kind: DatabaseKind) {
@@ -113,7 +146,7 @@ async fn rotation_keeps_every_read_working(kind: DatabaseKind) {
             .await
             .expect(200);
     }
-    let keys_before = key_ids(&broker);
+    let keys_before = keyring_lines(&broker);
     assert_eq!(keys_before.len(), 1);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -170,7 +203,7 @@ async fn rotation_keeps_every_read_working(kind: DatabaseKind) {
     stop.store(true, Ordering::Relaxed);
     assert!(reader.await.unwrap() >= 50);
 
-    let keys_after = key_ids(&broker);
+    let keys_after = keyring_lines(&broker);
     assert_eq!(keys_after.len(), 1);
     assert_ne!(keys_after, keys_before);
 

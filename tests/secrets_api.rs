@@ -90,6 +90,10 @@ async fn every_kept_version_reads_back(kind: DatabaseKind) {
         .await
         .expect_error(400, "invalid_request");
     broker
+        .read("secret/rotating?version=9223372036854775808")
+        .await
+        .expect_error(400, "invalid_request");
+    broker
         .read("secret/rotating?version=latest")
         .await
         .expect_error(400, "invalid_request");

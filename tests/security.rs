@@ -54,7 +54,7 @@ async fn requests_without_a_valid_token_are_refused(kind: DatabaseKind) {
         .header("authorization", "Basic dXNlcjpwYXNz")
         .send()
         .await;
-    assert_eq!(basic.unwrap().status(), 400);
+    assert_eq!(basic.unwrap().status(), 401);
 
     let good = http
         .get(&url)

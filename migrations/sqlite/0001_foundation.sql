@@ -29,7 +29,8 @@ CREATE TABLE local_secret_versions (
     key_id TEXT,
     wrapped_key BLOB,
     ciphertext BLOB,
-    PRIMARY KEY (mount, path, version)
+    PRIMARY KEY (mount, path, version),
+    FOREIGN KEY (mount, path) REFERENCES local_secrets (mount, path) ON DELETE CASCADE
 );
 
 CREATE INDEX local_secret_versions_by_key ON local_secret_versions (key_id);

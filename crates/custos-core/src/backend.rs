@@ -100,6 +100,9 @@ pub enum BackendError {
     #[error("the backend is unavailable: {0}")]
     Unavailable(String),
 
+    #[error("the broker's own database did not answer; retry shortly")]
+    StoreUnavailable,
+
     #[error("the backend did not answer in time: {0}")]
     Timeout(String),
 

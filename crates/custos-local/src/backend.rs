@@ -9,7 +9,7 @@ use custos_core::{
     SecretVersion, VersionMetadata, WriteOptions,
 };
 use custos_storage::local_secrets::{
-    LocalSecretRepository, NewVersion, SealedVersion, StoredVersion, WriteRefusal,
+    DeleteOutcome, LocalSecretRepository, NewVersion, SealedVersion, StoredVersion, WriteRefusal,
 };
 use custos_storage::StorageError;
 use time::OffsetDateTime;
@@ -106,15 +106,6 @@ impl LocalBackend {
             },
         )?;
         Ok(SecretVersion { data, metadata })
-    }
-
-    async fn latest_version(&self, path: &SecretPath) -> Result<u64, BackendError> {
-        self.repository
-            .read_version(&self.settings.mount, path.as_str(), None)
-            .await
-            .map_err(storage_error)?
-            .map(|stored| stored.version)
-            .ok_or(BackendError::NotFound)
     }
 }
 
@@ -225,9 +216,9 @@ impl SecretBackend for LocalBackend {
             .await;
 
         match outcome {
-            Ok(Ok(version)) => Ok(VersionMetadata {
-                version,
-                created_at: OffsetDateTime::now_utc(),
+            Ok(Ok(written)) => Ok(VersionMetadata {
+                version: written.version,
+                created_at: from_micros(written.created_at),
                 deleted_at: None,
                 destroyed: false,
             }),
@@ -241,22 +232,15 @@ impl SecretBackend for LocalBackend {
 
     async fn delete(&self, path: &SecretPath, request: DeleteRequest) -> Result<(), BackendError> {
         let mount = &self.settings.mount;
-        let changed = match request {
+        let outcome = match request {
             DeleteRequest::SoftDelete { versions } => {
-                let versions = if versions.is_empty() {
-                    vec![self.latest_version(path).await?]
-                } else {
-                    versions
-                };
                 self.repository
                     .soft_delete(mount, path.as_str(), &versions)
                     .await
             }
-            DeleteRequest::Destroy { versions } if versions.is_empty() => self
-                .repository
-                .destroy_secret(mount, path.as_str())
-                .await
-                .map(u64::from),
+            DeleteRequest::Destroy { versions } if versions.is_empty() => {
+                self.repository.destroy_secret(mount, path.as_str()).await
+            }
             DeleteRequest::Destroy { versions } => {
                 self.repository
                     .destroy_versions(mount, path.as_str(), &versions)
@@ -265,18 +249,13 @@ impl SecretBackend for LocalBackend {
         }
         .map_err(storage_error)?;
 
-        // Deleting something already deleted is fine; deleting something that never
-        // existed is a mistake worth reporting.
-        if changed == 0
-            && !self
-                .repository
-                .exists(mount, path.as_str())
-                .await
-                .map_err(storage_error)?
-        {
-            return Err(BackendError::NotFound);
+        match outcome {
+            DeleteOutcome::Done => Ok(()),
+            DeleteOutcome::SecretMissing => Err(BackendError::NotFound),
+            DeleteOutcome::VersionMissing(version) => {
+                Err(BackendError::VersionNotFound { version })
+            }
         }
-        Ok(())
     }
 }
 
@@ -296,7 +275,7 @@ fn from_micros(micros: i64) -> OffsetDateTime {
 
 fn storage_error(error: StorageError) -> BackendError {
     tracing::error!(%error, "local store query failed");
-    BackendError::Unavailable("the local store's database did not answer".to_owned())
+    BackendError::StoreUnavailable
 }
 
 fn envelope_error(error: EnvelopeError) -> BackendError {

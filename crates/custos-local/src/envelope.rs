@@ -30,10 +30,20 @@ pub struct Binding<'a> {
 }
 
 /// A sealed version: the wrapped data key and the encrypted fields.
-#[derive(Debug)]
 pub struct Sealed {
     pub wrapped_key: Vec<u8>,
     pub ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "Sealed {{ wrapped_key: {} bytes, ciphertext: {} bytes }}",
+            self.wrapped_key.len(),
+            self.ciphertext.len()
+        )
+    }
 }
 
 /// Why a version could not be sealed or opened. Deliberately coarse: a failed open says
@@ -136,10 +146,17 @@ fn wrap_aad(binding: Binding<'_>, key_id: &str) -> Vec<u8> {
 fn append_binding(aad: &mut Vec<u8>, binding: Binding<'_>) {
     // Length prefixes keep ("a/b", "c") and ("a", "b/c") apart.
     for part in [binding.mount.as_bytes(), binding.path.as_bytes()] {
-        aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        aad.extend_from_slice(&length_prefix(part));
         aad.extend_from_slice(part);
     }
     aad.extend_from_slice(&binding.version.to_be_bytes());
+}
+
+/// Four-byte big-endian length. Parts are bounded far below 4 GiB by the request limit;
+/// a larger one would be a bug, so saturating keeps the encoding unambiguous enough to fail
+/// authentication rather than panic.
+fn length_prefix(part: &[u8]) -> [u8; 4] {
+    u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes()
 }
 
 fn encrypt(
@@ -193,7 +210,7 @@ fn encode_fields(data: &SecretData) -> Zeroizing<Vec<u8>> {
     let mut encoded = Zeroizing::new(vec![FORMAT_VERSION]);
     for (name, value) in data.fields() {
         for part in [name.as_bytes(), value.expose()] {
-            encoded.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            encoded.extend_from_slice(&length_prefix(part));
             encoded.extend_from_slice(part);
         }
     }

@@ -79,8 +79,8 @@ pub struct KeyEncryptionKey {
 }
 
 impl KeyEncryptionKey {
-    pub fn from_material(material: [u8; KEY_BYTES]) -> Self {
-        let material = Zeroizing::new(material);
+    pub fn from_material(material: &[u8; KEY_BYTES]) -> Self {
+        let material = Zeroizing::new(*material);
         let id = key_id_of(&material);
         let unbound = UnboundKey::new(&AES_256_GCM, material.as_ref())
             .expect("AES-256-GCM accepts every 32-byte key");
@@ -96,7 +96,7 @@ impl KeyEncryptionKey {
         SystemRandom::new()
             .fill(material.as_mut())
             .map_err(|_| KeyError::Random)?;
-        Ok(Self::from_material(*material))
+        Ok(Self::from_material(&material))
     }
 
     pub fn id(&self) -> &str {
@@ -171,9 +171,9 @@ impl Keyring {
                 line: index + 1,
             };
             let decoded = Zeroizing::new(STANDARD.decode(line).map_err(|_| malformed())?);
-            let material: [u8; KEY_BYTES] =
-                decoded.as_slice().try_into().map_err(|_| malformed())?;
-            keys.push(KeyEncryptionKey::from_material(material));
+            let material: Zeroizing<[u8; KEY_BYTES]> =
+                Zeroizing::new(decoded.as_slice().try_into().map_err(|_| malformed())?);
+            keys.push(KeyEncryptionKey::from_material(&material));
         }
         if keys.is_empty() {
             return Err(KeyError::Empty {
@@ -233,11 +233,15 @@ impl Keyring {
         {
             fs::create_dir_all(parent).map_err(unwritable)?;
         }
-        let temporary = path.with_extension("tmp");
+        let temporary = path.with_extension(format!("tmp{}", std::process::id()));
         let mut file = private_file(&temporary).map_err(unwritable)?;
         file.write_all(text.as_bytes()).map_err(unwritable)?;
         file.sync_all().map_err(unwritable)?;
         fs::rename(&temporary, path).map_err(unwritable)?;
+
+        // The rename is durable only once the directory is synced; rotation updates the
+        // database right after, and must never get ahead of the key file.
+        sync_directory(path).map_err(unwritable)?;
         Ok(())
     }
 }
@@ -311,6 +315,20 @@ fn key_id_of(material: &[u8; KEY_BYTES]) -> String {
 }
 
 #[cfg(unix)]
+fn sync_directory(path: &Path) -> std::io::Result<()> {
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    fs::File::open(directory)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_directory(_path: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
 fn private_file(path: &Path) -> std::io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()
@@ -378,9 +396,9 @@ mod tests {
 
     #[test]
     fn ids_depend_on_the_material() {
-        let first = KeyEncryptionKey::from_material([1; KEY_BYTES]);
-        let again = KeyEncryptionKey::from_material([1; KEY_BYTES]);
-        let other = KeyEncryptionKey::from_material([2; KEY_BYTES]);
+        let first = KeyEncryptionKey::from_material(&[1; KEY_BYTES]);
+        let again = KeyEncryptionKey::from_material(&[1; KEY_BYTES]);
+        let other = KeyEncryptionKey::from_material(&[2; KEY_BYTES]);
         assert_eq!(first.id(), again.id());
         assert_ne!(first.id(), other.id());
         assert!(first.id().starts_with("kek-") && first.id().len() == 20);

@@ -69,6 +69,9 @@ pub async fn rotate_key(
     let KeySource::File(path) = source else {
         return Err(RotationError::NotAFile(source.to_string()));
     };
+    // Two rotations at once could each retire the other's new key; the lock, held until
+    // this function returns, makes the second wait.
+    let _lock = lock_rotation(path)?;
 
     let keyring = Keyring::load(source)?;
     let active = repository
@@ -100,14 +103,15 @@ pub async fn rotate_key(
         rewrapped += rewrap_all(repository, old_key, &new_key).await?;
     }
 
-    // Refuse to drop old keys while any row still needs one, including rows under keys
-    // this keyring never held.
-    for old_key_id in &old_key_ids {
-        if repository.count_wrapped_under(old_key_id).await? > 0 {
-            return Err(RotationError::UnknownKey {
-                key_id: old_key_id.clone(),
-            });
-        }
+    // Refuse to drop old keys while any row still needs a key other than the new one,
+    // including keys this keyring never held.
+    if let Some(key_id) = repository
+        .other_key_ids_in_use(new_key.id())
+        .await?
+        .into_iter()
+        .next()
+    {
+        return Err(RotationError::UnknownKey { key_id });
     }
     rotated.only_newest().save(path)?;
     tracing::info!(rewrapped, retired = ?old_key_ids, "key rotation finished");
@@ -117,6 +121,21 @@ pub async fn rotate_key(
         new_key_id: new_key.id().to_owned(),
         rewrapped,
     })
+}
+
+fn lock_rotation(key_file: &std::path::Path) -> Result<std::fs::File, KeyError> {
+    let lock_path = key_file.with_extension("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .and_then(|file| file.lock().map(|()| file))
+        .map_err(|error| KeyError::Unwritable {
+            path: lock_path.display().to_string(),
+            reason: error.to_string(),
+        })?;
+    Ok(lock)
 }
 
 async fn rewrap_all(

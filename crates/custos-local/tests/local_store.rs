@@ -484,3 +484,40 @@ async fn rotation_rewraps_everything_while_reads_continue(kind: DatabaseKind) {
     }
     fixture.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rotations_never_lose_a_key() {
+    let fixture = Fixture::new(DatabaseKind::Sqlite).await;
+    let backend = fixture.backend("secret", 10);
+    for index in 0..30 {
+        backend
+            .write(
+                &path(&format!("s{index}")),
+                data(&[("value", &format!("value-{index}"))]),
+                WriteOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    let source = KeySource::File(fixture.key_file.clone());
+    let first = {
+        let (source, repository) = (source.clone(), repository(&fixture.database));
+        tokio::spawn(async move { rotate_key(&source, &repository).await })
+    };
+    let second = {
+        let (source, repository) = (source.clone(), repository(&fixture.database));
+        tokio::spawn(async move { rotate_key(&source, &repository).await })
+    };
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+
+    // Whatever order they ran in, the final keyring opens every version.
+    let fresh = fixture.backend("secret", 10);
+    for index in 0..30 {
+        let read = fresh.read(&path(&format!("s{index}")), None).await.unwrap();
+        assert_eq!(text(&read.data, "value"), format!("value-{index}"));
+    }
+    assert_eq!(Keyring::load(&source).unwrap().ids().len(), 1);
+    fixture.finish().await;
+}

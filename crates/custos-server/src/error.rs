@@ -143,6 +143,9 @@ impl From<BackendError> for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "decryption_failed")
             }
             BackendError::Unavailable(_) => (StatusCode::BAD_GATEWAY, "backend_unavailable"),
+            BackendError::StoreUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
             BackendError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "backend_timeout"),
             BackendError::PermissionDenied(_) => (StatusCode::BAD_GATEWAY, "backend_denied"),
             BackendError::Internal(_) => {

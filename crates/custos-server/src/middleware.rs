@@ -106,7 +106,8 @@ fn presented_token(headers: &HeaderMap) -> Result<Option<TokenSecret>, ApiError>
             return Err(ApiError::invalid_token());
         };
         if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNAUTHORIZED,
                 "unsupported_authorization",
                 "only `Authorization: Bearer TOKEN` is supported",
             ));

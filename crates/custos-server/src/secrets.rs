@@ -48,11 +48,8 @@ pub async fn read(
     if query.list {
         return list(mount, relative.as_ref(), &path).await;
     }
-    if query.version == Some(0) {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "versions start at 1; omit `version` to read the latest",
-        ));
+    if let Some(version) = query.version {
+        check_version(version)?;
     }
 
     let relative = require_secret(relative, &path)?;
@@ -192,8 +189,8 @@ fn parse_versions(text: Option<&str>) -> Result<Vec<u64>, ApiError> {
     };
     text.split(',')
         .map(|part| match part.trim().parse::<u64>() {
-            Ok(version) if version > 0 => Ok(version),
-            _ => Err(ApiError::bad_request(
+            Ok(version) => check_version(version).map(|()| version),
+            Err(_) => Err(ApiError::bad_request(
                 "invalid_request",
                 format!(
                     "`versions` must be comma-separated numbers from 1, such as 1,3; got `{part}`"
@@ -201,6 +198,17 @@ fn parse_versions(text: Option<&str>) -> Result<Vec<u64>, ApiError> {
             )),
         })
         .collect()
+}
+
+/// Versions start at 1 and fit in the databases' signed 64-bit integers.
+fn check_version(version: u64) -> Result<(), ApiError> {
+    if version == 0 || i64::try_from(version).is_err() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("version {version} is out of range; versions start at 1"),
+        ));
+    }
+    Ok(())
 }
 
 // FIXME: the collected body is a hyper buffer that is not zeroized, so a written secret can

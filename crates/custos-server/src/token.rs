@@ -83,7 +83,7 @@ pub async fn create_root_token(repository: &TokenRepository) -> Result<TokenSecr
             accessor,
             display_name: "root".to_owned(),
             is_root: true,
-            created_at: TokenRepository::now(),
+            created_at: custos_storage::unix_micros_now(),
         })
         .await?;
     Ok(token)

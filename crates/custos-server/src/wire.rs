@@ -102,14 +102,19 @@ pub struct MetadataView {
 }
 
 impl MetadataView {
-    pub fn new(path: String, mount: String, backend: &'static str, meta: &VersionMetadata) -> Self {
+    pub fn new(
+        path: String,
+        mount: String,
+        backend: &'static str,
+        metadata: &VersionMetadata,
+    ) -> Self {
         Self {
             path,
             mount,
             backend,
-            version: meta.version,
-            created_at: rfc3339(meta.created_at),
-            deleted_at: meta.deleted_at.map(rfc3339),
+            version: metadata.version,
+            created_at: rfc3339(metadata.created_at),
+            deleted_at: metadata.deleted_at.map(rfc3339),
         }
     }
 }

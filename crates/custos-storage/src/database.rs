@@ -126,20 +126,60 @@ fn with_create_mode(url: &str) -> String {
     }
 }
 
-/// The URL without credentials or query, safe to show in errors and logs.
-fn describe(url: &str) -> String {
+/// The URL without credentials or query, safe to show in errors and logs. Everything up to
+/// the last `@` goes first, so a password holding `?`, `/` or `#` cannot survive.
+pub fn describe(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.split('?').next().unwrap_or_default().to_owned();
     };
-    let rest = rest.split('?').next().unwrap_or_default();
     let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
     format!("{scheme}://{rest}")
+}
+
+/// A database URL, which may hold a password: `Debug` and `Display` show it without
+/// credentials or query.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The full URL, password included; only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "DatabaseUrl({:?})", describe(&self.0))
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&describe(&self.0))
+    }
 }
 
 /// The current time in Unix microseconds, the unit every stored time uses.
 pub fn unix_micros_now() -> i64 {
     let now = time::OffsetDateTime::now_utc();
     i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// An unsigned count or version as a database BIGINT.
+pub(crate) fn to_i64(value: u64) -> Result<i64, StorageError> {
+    i64::try_from(value).map_err(|_| StorageError::OutOfRange(value))
+}
+
+/// A database BIGINT as an unsigned count or version.
+pub(crate) fn to_u64(value: i64) -> Result<u64, StorageError> {
+    u64::try_from(value).map_err(|_| StorageError::Corrupt(format!("{value} is negative")))
 }
 
 #[cfg(test)]

@@ -23,4 +23,7 @@ pub enum StorageError {
 
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+
+    #[error("{0} does not fit in a database integer")]
+    OutOfRange(u64),
 }

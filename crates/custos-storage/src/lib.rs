@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 mod database;
 mod error;
 pub mod local_secrets;
@@ -15,5 +16,7 @@ pub mod local_secrets;
 pub mod testing;
 pub mod tokens;
 
-pub use database::{unix_micros_now, Database, DatabaseKind};
+pub use database::{
+    describe as describe_url, unix_micros_now, Database, DatabaseKind, DatabaseUrl,
+};
 pub use error::StorageError;

@@ -7,6 +7,7 @@
 use sqlx::{Any, AnyPool, Row, Transaction};
 
 use crate::database::unix_micros_now;
+use crate::database::{to_i64, to_u64};
 use crate::error::StorageError;
 
 /// The sealed content of one version, as stored.
@@ -63,13 +64,43 @@ pub enum WriteRefusal {
     CheckAndSet { expected: u64, current: u64 },
 }
 
+/// A version as committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenVersion {
+    pub version: u64,
+    /// Unix microseconds, as stored.
+    pub created_at: i64,
+}
+
+/// How a delete ended when it was not refused by the database itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// Every named version was deleted (or already was).
+    Done,
+    /// No secret exists at the path.
+    SecretMissing,
+    /// The secret exists but this version does not; nothing was changed.
+    VersionMissing(u64),
+}
+
 /// A row of a key rotation: one data key to re-wrap.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WrappedKeyRow {
     pub mount: String,
     pub path: String,
     pub version: u64,
     pub wrapped_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for WrappedKeyRow {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("WrappedKeyRow")
+            .field("mount", &self.mount)
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The local backend's rows in one database.
@@ -125,7 +156,7 @@ impl LocalSecretRepository {
         &self,
         request: NewVersion<'_>,
         seal: impl FnOnce(&WritePlan) -> Result<SealedVersion, SealError>,
-    ) -> Result<Result<u64, WriteRefusal>, SealError>
+    ) -> Result<Result<WrittenVersion, WriteRefusal>, SealError>
     where
         SealError: From<StorageError>,
     {
@@ -159,7 +190,10 @@ impl LocalSecretRepository {
         .await?;
 
         transaction.commit().await.map_err(StorageError::from)?;
-        Ok(Ok(plan.version))
+        Ok(Ok(WrittenVersion {
+            version: plan.version,
+            created_at: now,
+        }))
     }
 
     /// The newest version (when `version` is `None`) or the given one.
@@ -227,63 +261,102 @@ impl LocalSecretRepository {
             .collect())
     }
 
-    /// Marks versions deleted (restorable). Returns how many rows changed.
+    /// Marks versions deleted (restorable); an empty list means the latest version. All or
+    /// nothing: if one named version does not exist, nothing changes.
     pub async fn soft_delete(
         &self,
         mount: &str,
         path: &str,
         versions: &[u64],
-    ) -> Result<u64, StorageError> {
-        let mut changed = 0;
-        let mut transaction = self.pool.begin().await?;
-        for version in versions {
-            changed += sqlx::query(
-                "UPDATE local_secret_versions SET deleted_at = $4 WHERE mount = $1 \
-                 AND path = $2 AND version = $3 AND deleted_at IS NULL",
-            )
-            .bind(mount)
-            .bind(path)
-            .bind(to_i64(*version)?)
-            .bind(unix_micros_now())
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-        }
-        transaction.commit().await?;
-        Ok(changed)
+    ) -> Result<DeleteOutcome, StorageError> {
+        self.change_versions(
+            mount,
+            path,
+            versions,
+            "UPDATE local_secret_versions SET deleted_at = $4 WHERE mount = $1 \
+             AND path = $2 AND version = $3 AND deleted_at IS NULL",
+        )
+        .await
     }
 
-    /// Erases the sealed content of versions, keeping a tombstone row.
+    /// Erases the sealed content of versions, keeping a tombstone row. All or nothing, like
+    /// [`Self::soft_delete`].
     pub async fn destroy_versions(
         &self,
         mount: &str,
         path: &str,
         versions: &[u64],
-    ) -> Result<u64, StorageError> {
-        let mut changed = 0;
+    ) -> Result<DeleteOutcome, StorageError> {
+        self.change_versions(
+            mount,
+            path,
+            versions,
+            "UPDATE local_secret_versions SET destroyed_at = $4, key_id = NULL, \
+             wrapped_key = NULL, ciphertext = NULL WHERE mount = $1 AND path = $2 \
+             AND version = $3 AND destroyed_at IS NULL",
+        )
+        .await
+    }
+
+    async fn change_versions(
+        &self,
+        mount: &str,
+        path: &str,
+        versions: &[u64],
+        update: &str,
+    ) -> Result<DeleteOutcome, StorageError> {
+        // Taking the write lock first serialises deletes with writes and rotation, so
+        // "the latest version" cannot change under us.
         let mut transaction = self.pool.begin().await?;
-        for version in versions {
-            changed += sqlx::query(
-                "UPDATE local_secret_versions SET destroyed_at = $4, key_id = NULL, \
-                 wrapped_key = NULL, ciphertext = NULL WHERE mount = $1 AND path = $2 \
-                 AND version = $3 AND destroyed_at IS NULL",
+        lock_active_key(&mut transaction).await?;
+        let Some(current) = current_version(&mut transaction, mount, path).await? else {
+            return Ok(DeleteOutcome::SecretMissing);
+        };
+        let versions = if versions.is_empty() {
+            vec![current]
+        } else {
+            versions.to_vec()
+        };
+
+        for version in &versions {
+            let exists = sqlx::query(
+                "SELECT 1 FROM local_secret_versions WHERE mount = $1 AND path = $2 \
+                 AND version = $3",
             )
             .bind(mount)
             .bind(path)
             .bind(to_i64(*version)?)
-            .bind(unix_micros_now())
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
+            .fetch_optional(&mut *transaction)
+            .await?;
+            if exists.is_none() {
+                return Ok(DeleteOutcome::VersionMissing(*version));
+            }
+        }
+
+        let now = unix_micros_now();
+        for version in &versions {
+            sqlx::query(update)
+                .bind(mount)
+                .bind(path)
+                .bind(to_i64(*version)?)
+                .bind(now)
+                .execute(&mut *transaction)
+                .await?;
         }
         transaction.commit().await?;
-        Ok(changed)
+        Ok(DeleteOutcome::Done)
     }
 
-    /// Removes a secret entirely: every version and its metadata. Returns whether it
-    /// existed.
-    pub async fn destroy_secret(&self, mount: &str, path: &str) -> Result<bool, StorageError> {
+    /// Removes a secret entirely: every version and its metadata.
+    pub async fn destroy_secret(
+        &self,
+        mount: &str,
+        path: &str,
+    ) -> Result<DeleteOutcome, StorageError> {
         let mut transaction = self.pool.begin().await?;
+        lock_active_key(&mut transaction).await?;
+        // Versions go with their secret (ON DELETE CASCADE); deleting them first keeps
+        // SQLite connections without foreign keys enabled correct too.
         sqlx::query("DELETE FROM local_secret_versions WHERE mount = $1 AND path = $2")
             .bind(mount)
             .bind(path)
@@ -296,7 +369,12 @@ impl LocalSecretRepository {
             .await?
             .rows_affected();
         transaction.commit().await?;
-        Ok(removed > 0)
+
+        Ok(if removed > 0 {
+            DeleteOutcome::Done
+        } else {
+            DeleteOutcome::SecretMissing
+        })
     }
 
     /// Up to `limit` data keys still wrapped under `key_id`, for rotation.
@@ -351,6 +429,20 @@ impl LocalSecretRepository {
         Ok(changed == 1)
     }
 
+    /// Key ids that any stored version is wrapped under, other than `key_id`.
+    pub async fn other_key_ids_in_use(&self, key_id: &str) -> Result<Vec<String>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT key_id FROM local_secret_versions \
+             WHERE key_id IS NOT NULL AND key_id <> $1",
+        )
+        .bind(key_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| Ok(row.try_get::<String, _>(0)?))
+            .collect()
+    }
+
     /// Counts stored versions whose data key is wrapped under `key_id`.
     pub async fn count_wrapped_under(&self, key_id: &str) -> Result<u64, StorageError> {
         let row = sqlx::query("SELECT COUNT(*) FROM local_secret_versions WHERE key_id = $1")
@@ -399,7 +491,7 @@ async fn insert_version(
 ) -> Result<(), StorageError> {
     let version = to_i64(plan.version)?;
     if secret_exists {
-        sqlx::query(
+        let updated = sqlx::query(
             "UPDATE local_secrets SET current_version = $3, updated_at = $4 \
              WHERE mount = $1 AND path = $2",
         )
@@ -408,7 +500,14 @@ async fn insert_version(
         .bind(version)
         .bind(now)
         .execute(&mut **transaction)
-        .await?;
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            return Err(StorageError::Corrupt(format!(
+                "the metadata of {}/{} vanished during a locked write",
+                request.mount, request.path
+            )));
+        }
     } else {
         sqlx::query(
             "INSERT INTO local_secrets (mount, path, current_version, created_at, updated_at) \
@@ -468,12 +567,4 @@ fn stored_version(row: sqlx::any::AnyRow) -> Result<StoredVersion, StorageError>
         destroyed_at: row.try_get(3)?,
         sealed,
     })
-}
-
-fn to_i64(value: u64) -> Result<i64, StorageError> {
-    i64::try_from(value).map_err(|_| StorageError::Corrupt(format!("{value} is out of range")))
-}
-
-fn to_u64(value: i64) -> Result<u64, StorageError> {
-    u64::try_from(value).map_err(|_| StorageError::Corrupt(format!("{value} is negative")))
 }

@@ -2,7 +2,6 @@
 
 use sqlx::{AnyPool, Row};
 
-use crate::database::unix_micros_now;
 use crate::error::StorageError;
 
 /// A stored token, without any way back to the token text.
@@ -61,10 +60,5 @@ impl TokenRepository {
                 })
             })
             .collect()
-    }
-
-    /// Convenience for callers that only need the current time in storage units.
-    pub fn now() -> i64 {
-        unix_micros_now()
     }
 }

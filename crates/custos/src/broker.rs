@@ -14,7 +14,7 @@ use custos_server::token::{create_root_token, TokenSecret};
 use custos_server::{AppState, Authenticator, ServerSettings};
 use custos_storage::local_secrets::LocalSecretRepository;
 use custos_storage::tokens::TokenRepository;
-use custos_storage::Database;
+use custos_storage::{Database, DatabaseUrl};
 
 use crate::cli::{DevArguments, InitArguments, LogArguments, RotateArguments, ServerArguments};
 use crate::config::{LogFormat, MountSettings, Settings};
@@ -27,7 +27,7 @@ pub async fn server(arguments: ServerArguments) -> anyhow::Result<()> {
     let settings = Settings::load(&arguments.config)?;
     init_logging(&settings, &arguments.log);
 
-    let (database, state) = open(&settings).await?;
+    let (database, state) = open(&settings, false).await?;
     if !state.authenticator.has_root_token() {
         bail!(
             "the store has no root token yet; run `custos init --config {}` first",
@@ -52,7 +52,10 @@ pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
         listen: arguments.addr,
         max_request_bytes: ServerSettings::default().max_request_bytes,
         request_timeout: ServerSettings::default().request_timeout,
-        storage_url: format!("sqlite://{}", data_directory.join("custos.db").display()),
+        storage_url: DatabaseUrl::new(format!(
+            "sqlite://{}",
+            data_directory.join("custos.db").display()
+        )),
         key_source: KeySource::File(key_file),
         log_format: arguments.log.log_format.unwrap_or(LogFormat::Text),
         log_level: arguments
@@ -68,7 +71,7 @@ pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
     };
     init_logging(&settings, &arguments.log);
 
-    let (database, mut state) = open(&settings).await?;
+    let (database, mut state) = open(&settings, true).await?;
     let token = dev_root_token(&database, &state.authenticator, &data_directory).await?;
     state.authenticator =
         Arc::new(Authenticator::load(&TokenRepository::new(database.pool().clone())).await?);
@@ -84,8 +87,19 @@ pub async fn init(arguments: InitArguments) -> anyhow::Result<()> {
     let settings = Settings::load(&arguments.config)?;
     logging::init(settings.log_format, &settings.log_level);
 
+    // A new key file is made only for a store that has no key yet: for an initialised
+    // store, a missing key file is a mistake to report, not to paper over.
+    let database = Database::connect(settings.storage_url.expose()).await?;
+    let repository = LocalSecretRepository::new(database.pool().clone());
     if let KeySource::File(path) = &settings.key_source {
         if !path.exists() {
+            if let Some(active) = repository.active_key_id().await? {
+                bail!(
+                    "the store is initialised with key {active}, but the key file {} does \
+                     not exist; restore it from your backup",
+                    path.display()
+                );
+            }
             Keyring::generate()?.save(path)?;
             println!(
                 "Created key file {} (mode 0600). Back it up: without it the",
@@ -94,10 +108,8 @@ pub async fn init(arguments: InitArguments) -> anyhow::Result<()> {
             println!("local store cannot be decrypted.");
         }
     }
-
-    let database = Database::connect(&settings.storage_url).await?;
     let keyring = KeyringHandle::load(settings.key_source.clone())?;
-    check_active_key(&database, &keyring).await?;
+    check_active_key(&database, &keyring, true).await?;
 
     let tokens = TokenRepository::new(database.pool().clone());
     if !tokens.root_tokens().await?.is_empty() {
@@ -117,7 +129,7 @@ pub async fn rotate(arguments: RotateArguments) -> anyhow::Result<()> {
     let settings = Settings::load(&arguments.config)?;
     logging::init(settings.log_format, &settings.log_level);
 
-    let database = Database::connect(&settings.storage_url).await?;
+    let database = Database::connect(settings.storage_url.expose()).await?;
     let repository = LocalSecretRepository::new(database.pool().clone());
     let report = custos_local::rotate_key(&settings.key_source, &repository).await?;
     println!(
@@ -140,10 +152,10 @@ fn init_logging(settings: &Settings, overrides: &LogArguments) {
 }
 
 /// Connects to the store, checks the keyring against it and builds the handlers' state.
-async fn open(settings: &Settings) -> anyhow::Result<(Database, AppState)> {
-    let database = Database::connect(&settings.storage_url).await?;
+async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database, AppState)> {
+    let database = Database::connect(settings.storage_url.expose()).await?;
     let keyring = Arc::new(KeyringHandle::load(settings.key_source.clone())?);
-    check_active_key(&database, &keyring).await?;
+    check_active_key(&database, &keyring, initialise).await?;
 
     let repository = LocalSecretRepository::new(database.pool().clone());
     let mut mounts = Vec::new();
@@ -177,11 +189,26 @@ async fn open(settings: &Settings) -> anyhow::Result<(Database, AppState)> {
 }
 
 /// Refuses to start with a keyring that does not hold the store's active key: every
-/// write would fail and every read would be unreadable.
-async fn check_active_key(database: &Database, keyring: &KeyringHandle) -> anyhow::Result<()> {
+/// write would fail and every read would be unreadable. Only `custos init` and
+/// `custos dev` may record the active key of a new store (`initialise`).
+async fn check_active_key(
+    database: &Database,
+    keyring: &KeyringHandle,
+    initialise: bool,
+) -> anyhow::Result<()> {
     let repository = LocalSecretRepository::new(database.pool().clone());
-    let newest = keyring.snapshot().newest().id().to_owned();
-    let active = repository.initialise_active_key(&newest).await?;
+    let active = match repository.active_key_id().await? {
+        Some(active) => active,
+        None if initialise => {
+            let newest = keyring.snapshot().newest().id().to_owned();
+            repository.initialise_active_key(&newest).await?
+        }
+        None => bail!(
+            "the {} store is not initialised; run `custos init --config FILE` first",
+            database.kind().as_str()
+        ),
+    };
+
     if keyring.key(&active).is_none() {
         return Err(KeyError::ActiveKeyMissing {
             key_id: active,

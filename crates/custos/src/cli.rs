@@ -102,7 +102,7 @@ pub struct RotateArguments {
     pub config: PathBuf,
 }
 
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct Connection {
     /// Broker address.
     #[arg(
@@ -129,7 +129,7 @@ pub enum OutputFormat {
     Json,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 pub enum SecretCommand {
     /// Print a secret's fields (the latest version, or --version N).
     Get {
@@ -176,4 +176,59 @@ pub enum SecretCommand {
         #[arg(long)]
         destroy: bool,
     },
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Connection")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SecretCommand {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Field values given on the command line are secrets; show only their names.
+        match self {
+            SecretCommand::Get {
+                path,
+                version,
+                field,
+            } => formatter
+                .debug_struct("Get")
+                .field("path", path)
+                .field("version", version)
+                .field("field", field)
+                .finish(),
+            SecretCommand::Put { path, fields, cas } => {
+                let names: Vec<&str> = fields
+                    .iter()
+                    .map(|pair| pair.split_once('=').map_or("?", |(name, _)| name))
+                    .collect();
+                formatter
+                    .debug_struct("Put")
+                    .field("path", path)
+                    .field("field_names", &names)
+                    .field("cas", cas)
+                    .finish()
+            }
+            SecretCommand::List { prefix } => formatter
+                .debug_struct("List")
+                .field("prefix", prefix)
+                .finish(),
+            SecretCommand::Delete {
+                path,
+                versions,
+                destroy,
+            } => formatter
+                .debug_struct("Delete")
+                .field("path", path)
+                .field("versions", versions)
+                .field("destroy", destroy)
+                .finish(),
+        }
+    }
 }

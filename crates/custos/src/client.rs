@@ -15,6 +15,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
+use custos_core::SecretPath;
+
 use crate::cli::{Connection, OutputFormat, SecretCommand};
 
 pub async fn run(connection: Connection, command: SecretCommand) -> anyhow::Result<ExitCode> {
@@ -71,11 +73,10 @@ impl Client {
         query: &[(&str, String)],
         body: Option<Zeroizing<Vec<u8>>>,
     ) -> anyhow::Result<Answer> {
-        let url = format!(
-            "{}/v1/secrets/{}",
-            self.address,
-            path.trim_start_matches('/')
-        );
+        // Parse here with the broker's own rules: a URL library would quietly resolve
+        // `a/../b` to `b`, and `?` or `#` in a path would become part of the URL.
+        let path = SecretPath::parse(path).context("invalid secret path")?;
+        let url = format!("{}/v1/secrets/{path}", self.address);
         let mut request = self
             .http
             .request(method, &url)

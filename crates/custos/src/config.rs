@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use custos_core::SecretPath;
 use custos_local::KeySource;
+use custos_storage::DatabaseUrl;
 use serde::Deserialize;
 
 /// The whole configuration file.
@@ -51,7 +52,7 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    pub url: String,
+    pub url: DatabaseUrl,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,7 +119,7 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub max_request_bytes: usize,
     pub request_timeout: Duration,
-    pub storage_url: String,
+    pub storage_url: DatabaseUrl,
     pub key_source: KeySource,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -138,26 +139,25 @@ pub struct MountSettings {
     pub max_versions: u64,
 }
 
-/// Environment overrides: variable, section, key, and whether the value is a number.
-const ENVIRONMENT_OVERRIDES: &[(&str, &str, &str, bool)] = &[
-    ("CUSTOS_SERVER_LISTEN", "server", "listen", false),
-    (
-        "CUSTOS_SERVER_MAX_REQUEST_BYTES",
-        "server",
-        "max_request_bytes",
-        true,
-    ),
-    (
-        "CUSTOS_SERVER_REQUEST_TIMEOUT",
-        "server",
-        "request_timeout",
-        false,
-    ),
-    ("CUSTOS_STORAGE_URL", "storage", "url", false),
-    ("CUSTOS_KEYS_FILE", "keys", "file", false),
-    ("CUSTOS_KEYS_ENV", "keys", "env", false),
-    ("CUSTOS_LOG_FORMAT", "log", "format", false),
-    ("CUSTOS_LOG_LEVEL", "log", "level", false),
+/// Environment variables that override configuration keys, `CUSTOS_<SECTION>_<KEY>`.
+const ENVIRONMENT_OVERRIDES: &[&str] = &[
+    "CUSTOS_SERVER_LISTEN",
+    "CUSTOS_SERVER_MAX_REQUEST_BYTES",
+    "CUSTOS_SERVER_REQUEST_TIMEOUT",
+    "CUSTOS_STORAGE_URL",
+    "CUSTOS_KEYS_FILE",
+    "CUSTOS_KEYS_ENV",
+    "CUSTOS_LOG_FORMAT",
+    "CUSTOS_LOG_LEVEL",
+];
+
+/// Prefixes of configuration sections: a variable with one of them that is not a known
+/// override is a typo, and refused.
+const CONFIG_PREFIXES: &[&str] = &[
+    "CUSTOS_SERVER_",
+    "CUSTOS_STORAGE_",
+    "CUSTOS_KEYS_",
+    "CUSTOS_LOG_",
 ];
 
 impl Settings {
@@ -176,61 +176,75 @@ impl Settings {
         base_directory: Option<&Path>,
         environment: &[(String, String)],
     ) -> anyhow::Result<Self> {
-        let mut document: toml::Table = toml::from_str(text)?;
-        apply_environment(&mut document, environment)?;
-        let config: Config = toml::Value::Table(document).try_into()?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|error| anyhow::anyhow!(toml_error(&error, text)))?;
+        apply_environment(&mut config, environment)?;
         validate(config, base_directory)
     }
 }
 
-fn apply_environment(
-    document: &mut toml::Table,
-    environment: &[(String, String)],
-) -> anyhow::Result<()> {
+/// A TOML error without the source line or value it quotes: the line may hold a database
+/// password, and serde's "invalid type" messages repeat the value.
+fn toml_error(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().trim();
+    let message = match message.find(", expected") {
+        Some(position) if message.starts_with("invalid") => {
+            let kind = message.split(':').next().unwrap_or("invalid value");
+            format!("{kind}{}", &message[position..])
+        }
+        _ => message.to_owned(),
+    };
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+fn apply_environment(config: &mut Config, environment: &[(String, String)]) -> anyhow::Result<()> {
     for (name, value) in environment {
-        let known = ENVIRONMENT_OVERRIDES
-            .iter()
-            .find(|(variable, ..)| variable == name);
-        let Some((_, section, key, numeric)) = known else {
-            let is_config_section = [
-                "CUSTOS_SERVER_",
-                "CUSTOS_STORAGE_",
-                "CUSTOS_KEYS_",
-                "CUSTOS_LOG_",
-            ]
-            .iter()
-            .any(|prefix| name.starts_with(prefix));
-            if is_config_section {
+        let value = value.clone();
+        match name.as_str() {
+            "CUSTOS_SERVER_LISTEN" => config.server.listen = value,
+            "CUSTOS_SERVER_MAX_REQUEST_BYTES" => {
+                config.server.max_request_bytes = value.parse().with_context(|| {
+                    format!("environment variable {name} must be a whole number")
+                })?;
+            }
+            "CUSTOS_SERVER_REQUEST_TIMEOUT" => config.server.request_timeout = value,
+            "CUSTOS_STORAGE_URL" => config.storage.url = DatabaseUrl::new(value),
+            // A key source chosen in the environment replaces the file's choice of source.
+            "CUSTOS_KEYS_FILE" => {
+                config.keys.env = None;
+                config.keys.file = Some(PathBuf::from(value));
+            }
+            "CUSTOS_KEYS_ENV" => {
+                config.keys.file = None;
+                config.keys.env = Some(value);
+            }
+            "CUSTOS_LOG_FORMAT" => config.log.format = value,
+            "CUSTOS_LOG_LEVEL" => config.log.level = value,
+            other
+                if CONFIG_PREFIXES
+                    .iter()
+                    .any(|prefix| other.starts_with(prefix)) =>
+            {
                 bail!(
-                    "environment variable {name} is not a setting; known overrides are {}",
-                    ENVIRONMENT_OVERRIDES
-                        .iter()
-                        .map(|(variable, ..)| *variable)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    "environment variable {other} is not a setting; known overrides are {}",
+                    ENVIRONMENT_OVERRIDES.join(", ")
                 );
             }
-            continue;
-        };
-
-        let parsed = if *numeric {
-            toml::Value::Integer(value.parse().with_context(|| {
-                format!("environment variable {name} must be a whole number, not `{value}`")
-            })?)
-        } else {
-            toml::Value::String(value.clone())
-        };
-        let table = document
-            .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let Some(table) = table.as_table_mut() else {
-            bail!("configuration key `{section}` must be a table");
-        };
-        // A key source chosen in the environment replaces the file's choice of source.
-        if *section == "keys" {
-            table.clear();
+            _ => {}
         }
-        table.insert(key.to_string(), parsed);
+    }
+
+    let file_and_env = ["CUSTOS_KEYS_FILE", "CUSTOS_KEYS_ENV"]
+        .iter()
+        .all(|variable| environment.iter().any(|(name, _)| name == variable));
+    if file_and_env {
+        bail!("CUSTOS_KEYS_FILE and CUSTOS_KEYS_ENV are both set; keep only one");
     }
     Ok(())
 }
@@ -254,10 +268,14 @@ fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Set
         )
     })?;
 
-    let storage_url = resolve_sqlite_path(config.storage.url.trim(), base_directory);
-    if !(storage_url.starts_with("sqlite:")
-        || storage_url.starts_with("postgres://")
-        || storage_url.starts_with("postgresql://"))
+    let storage_url = DatabaseUrl::new(resolve_sqlite_path(
+        config.storage.url.expose().trim(),
+        base_directory,
+    ));
+    let url = storage_url.expose();
+    if !(url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://"))
     {
         bail!(
             "`storage.url` must start with sqlite:// (embedded) or postgres:// (production), \
@@ -412,10 +430,13 @@ mod tests {
         );
         assert_eq!(settings.mounts[0].max_versions, 10);
         assert_eq!(settings.log_format, LogFormat::Text);
-        assert_eq!(settings.storage_url, "sqlite:///tmp/custos.db");
+        assert_eq!(settings.storage_url.expose(), "sqlite:///tmp/custos.db");
 
         let relative = load(&MINIMAL.replace("sqlite:///tmp/", "sqlite://data/"), &[]).unwrap();
-        assert_eq!(relative.storage_url, "sqlite:///etc/custos/data/custos.db");
+        assert_eq!(
+            relative.storage_url.expose(),
+            "sqlite:///etc/custos/data/custos.db"
+        );
     }
 
     #[test]
@@ -475,6 +496,29 @@ mod tests {
             &[],
         );
         assert!(storage.contains("`storage.url`"), "{storage}");
+
+        let both = error_of(
+            MINIMAL,
+            &[("CUSTOS_KEYS_FILE", "a"), ("CUSTOS_KEYS_ENV", "B")],
+        );
+        assert!(both.contains("both set"), "{both}");
+    }
+
+    #[test]
+    fn errors_never_quote_values_that_may_be_passwords() {
+        let syntax = error_of(
+            "[storage]\nurl = \"postgres://custos:hunter2@db/custos\n[keys]\n",
+            &[],
+        );
+        assert!(!syntax.contains("hunter2"), "{syntax}");
+        assert!(syntax.contains("line 2"), "{syntax}");
+
+        let wrong_type = error_of(
+            &format!("{MINIMAL}\n[server]\nmax_request_bytes = \"hunter2\"\n"),
+            &[],
+        );
+        assert!(!wrong_type.contains("hunter2"), "{wrong_type}");
+        assert!(wrong_type.contains("invalid type"), "{wrong_type}");
     }
 
     #[test]
