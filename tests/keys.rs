@@ -56,6 +56,7 @@ async fn a_server_never_initialises_a_store_by_itself(kind: DatabaseKind) {
         &config,
         format!(
             "[storage]\nurl = \"{}\"\n[keys]\nfile = \"fresh-keyring\"\n\
+             [audit]\nkey_file = \"fresh-audit.key\"\n\
              [[mounts]]\npath = \"secret\"\nbackend = \"local\"\n",
             fresh.url
         ),
@@ -97,6 +98,7 @@ async fn a_keyring_without_the_store_key_is_refused_with_the_key_id(kind: Databa
         &other_config,
         format!(
             "[storage]\nurl = \"sqlite://{}/other.db\"\n[keys]\nfile = \"other/keyring\"\n\
+             [audit]\nkey_file = \"other/audit.key\"\n\
              [[mounts]]\npath = \"secret\"\nbackend = \"local\"\n",
             other_directory.display()
         ),

@@ -89,6 +89,8 @@ pub struct BrokerOptions {
     pub extra_config: String,
     pub max_request_bytes: u64,
     pub mounts: String,
+    /// `audit.write_timeout`: how long a request waits for its audit record.
+    pub audit_write_timeout: String,
 }
 
 impl BrokerOptions {
@@ -97,6 +99,7 @@ impl BrokerOptions {
             kind,
             extra_config: String::new(),
             max_request_bytes: 65_536,
+            audit_write_timeout: "2s".to_owned(),
             mounts: "[[mounts]]\npath = \"secret\"\nbackend = \"local\"\nmax_versions = 5\n\n\
                      [[mounts]]\npath = \"frozen\"\nbackend = \"local\"\nread_only = true\n"
                 .to_owned(),
@@ -122,8 +125,13 @@ impl Broker {
         let config = format!(
             "[server]\nlisten = \"{address}\"\nmax_request_bytes = {}\nrequest_timeout = \"5s\"\n\n\
              [storage]\nurl = \"{database_url}\"\n\n[keys]\nfile = \"keyring\"\n\n\
-             [log]\nlevel = \"debug\"\n\n{}\n{}\n",
-            options.max_request_bytes, options.mounts, options.extra_config
+             [log]\nlevel = \"debug\"\n\n\
+             [audit]\nkey_file = \"audit.key\"\nwrite_timeout = \"{}\"\n\
+             [[audit.sinks]]\ntype = \"file\"\npath = \"audit.jsonl\"\n\n{}\n{}\n",
+            options.max_request_bytes,
+            options.audit_write_timeout,
+            options.mounts,
+            options.extra_config
         );
         std::fs::write(&config_path, config).expect("the configuration is written");
 
@@ -216,6 +224,17 @@ impl Broker {
         }
     }
 
+    /// Stops the broker and checks that `custos audit verify` finds the log intact.
+    pub async fn stop_and_verify(&mut self) {
+        self.stop().await;
+        let verified = self.verify_audit();
+        assert!(
+            verified.status.success(),
+            "audit log broken: {}",
+            describe(&verified)
+        );
+    }
+
     pub async fn restart(&mut self) {
         self.stop().await;
         self.launch().await;
@@ -283,7 +302,7 @@ impl Broker {
 
     /// Sends `request` with the root token.
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
-        Reply::from(
+        Reply::from_response(
             request
                 .bearer_auth(&self.root_token)
                 .send()
@@ -316,11 +335,84 @@ impl Broker {
             .nth(1)
             .and_then(|code| code.parse().ok())
             .expect("an HTTP status line");
+        let mut headers = reqwest::header::HeaderMap::new();
+        for line in head.lines().skip(1) {
+            if let Some((name, value)) = line.split_once(':') {
+                if let (Ok(name), Ok(value)) = (
+                    reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()),
+                    reqwest::header::HeaderValue::from_str(value.trim()),
+                ) {
+                    headers.insert(name, value);
+                }
+            }
+        }
         Reply {
             status,
             body: serde_json::from_str(body).unwrap_or(Value::Null),
-            headers: reqwest::header::HeaderMap::new(),
+            headers,
         }
+    }
+
+    /// Opens a direct connection to the broker's database, as an operator (or an attacker
+    /// with database access) would.
+    pub async fn database_connection(&self) -> sqlx::AnyConnection {
+        sqlx::any::install_default_drivers();
+        <sqlx::AnyConnection as sqlx::Connection>::connect(&self.database_url)
+            .await
+            .expect("the test database is reachable")
+    }
+
+    /// Runs one SQL statement against the broker's database.
+    pub async fn execute(&self, statement: &str) {
+        let mut connection = self.database_connection().await;
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .unwrap_or_else(|error| panic!("{statement}: {error}"));
+        let _ = sqlx::Connection::close(connection).await;
+    }
+
+    /// Every audit record in the database, oldest first.
+    pub async fn audit_records(&self) -> Vec<AuditEntry> {
+        let mut connection = self.database_connection().await;
+        let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
+            "SELECT sequence, request_id, record, mac FROM audit_records ORDER BY sequence",
+        )
+        .fetch_all(&mut connection)
+        .await
+        .expect("the audit table is readable");
+        let _ = sqlx::Connection::close(connection).await;
+        rows.into_iter()
+            .map(|(sequence, request_id, record, mac)| AuditEntry {
+                sequence: sequence as u64,
+                request_id,
+                record: serde_json::from_str(&record).expect("records are JSON"),
+                raw_record: record,
+                mac,
+            })
+            .collect()
+    }
+
+    /// The audit records of one request.
+    pub async fn audit_records_of(&self, request_id: &str) -> Vec<AuditEntry> {
+        self.audit_records()
+            .await
+            .into_iter()
+            .filter(|entry| entry.request_id == request_id)
+            .collect()
+    }
+
+    /// Runs `custos audit verify` on this broker's configuration.
+    pub fn verify_audit(&self) -> Output {
+        run_custos(
+            &[
+                "audit",
+                "verify",
+                "--config",
+                self.config_path.to_str().unwrap(),
+            ],
+            &[],
+        )
     }
 
     /// Runs `custos secret ...` (or any subcommand) against this broker with the root token.
@@ -370,6 +462,16 @@ pub fn describe(output: &Output) -> String {
     )
 }
 
+/// One stored audit record.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub sequence: u64,
+    pub request_id: String,
+    pub record: Value,
+    pub raw_record: String,
+    pub mac: String,
+}
+
 /// An HTTP answer: status, JSON body (or null) and headers.
 #[derive(Debug)]
 pub struct Reply {
@@ -379,7 +481,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    async fn from(response: reqwest::Response) -> Self {
+    pub async fn from_response(response: reqwest::Response) -> Self {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let bytes = response.bytes().await.unwrap_or_default();
@@ -391,6 +493,14 @@ impl Reply {
     }
 
     /// The error code of an error answer.
+    pub fn request_id(&self) -> String {
+        self.headers
+            .get("x-request-id")
+            .and_then(|value| value.to_str().ok())
+            .expect("every answer has a request id")
+            .to_owned()
+    }
+
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }

@@ -70,6 +70,10 @@ pub struct AuditRecord {
     /// The normalised secret path, when the request named a valid one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// The path as sent (still percent-encoded, at most 512 characters), when it was
+    /// refused as invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_path: Option<String>,
     /// The secret version served or written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
@@ -126,6 +130,7 @@ mod tests {
             operation: "read".to_owned(),
             mount: Some("secret".to_owned()),
             path: Some("secret/a".to_owned()),
+            requested_path: None,
             version: Some(2),
             backend: Some("local".to_owned()),
             outcome: Outcome::NotFound,

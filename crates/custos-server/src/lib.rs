@@ -1,7 +1,9 @@
 //! Custos's HTTP API over axum: routes, authentication, limits and JSON errors.
 //!
 //! - [`middleware`]: request ids, one span and one log line per request, the request
-//!   timeout, and bearer-token authentication.
+//!   timeout, the audit record of every request, and bearer-token authentication.
+//! - [`audit_trail`]: the audit draft a request fills in while it is handled.
+//! - [`audit_search`]: `GET /v1/audit`.
 //! - [`secrets`]: `/v1/secrets/...` handlers over the mount table.
 //! - [`wire`]: the JSON shapes, stable across backends.
 //! - [`error`]: the error body and the mapping of every failure to a status.
@@ -9,6 +11,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit_search;
+pub mod audit_trail;
 pub mod error;
 pub mod middleware;
 pub mod secrets;
@@ -23,7 +27,9 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use custos_audit::AuditLog;
 use custos_core::MountTable;
+use custos_storage::audit::AuditRepository;
 use custos_storage::Database;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -56,6 +62,8 @@ pub struct AppState {
     pub authenticator: Arc<Authenticator>,
     pub database: Database,
     pub settings: ServerSettings,
+    pub audit: Arc<AuditLog>,
+    pub audit_repository: AuditRepository,
 }
 
 /// The complete router of the API.
@@ -71,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/secrets", secret_routes())
         .route("/v1/secrets/", secret_routes())
         .route("/v1/mounts", get(list_mounts))
+        .route("/v1/audit", get(audit_search::search))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::authenticate,
@@ -94,7 +103,8 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
 }

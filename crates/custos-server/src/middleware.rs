@@ -1,17 +1,23 @@
 //! Cross-cutting request handling: request ids, the per-request span and log line,
 //! the request timeout, and token authentication.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
+use crate::audit_trail::{AuditDraft, Finished};
 use crate::error::{ApiError, ErrorCode};
 use crate::token::TokenSecret;
-use crate::AppState;
+use crate::{wire, AppState};
+
+/// The one route that is not audited: load balancers poll it constantly, it needs no
+/// token and it reveals nothing.
+const HEALTH_ROUTE: &str = "/v1/health";
 
 /// Header carrying the request id back to the client.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -23,7 +29,8 @@ pub const TOKEN_HEADER: &str = "x-custos-token";
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Gives every request an id, a span, a timeout and one summary log line.
+/// Gives every request an id, a span, a timeout, one summary log line and, except for
+/// the health check, one durable audit record before the response leaves.
 pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
@@ -32,9 +39,22 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let client_address = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(address)| address.to_string());
+    let audited = route != HEALTH_ROUTE;
+    let draft = AuditDraft::for_request(
+        &method,
+        &route,
+        request.uri().path(),
+        request.uri().query(),
+        &state.mounts,
+    );
     request
         .extensions_mut()
         .insert(RequestId(request_id.clone()));
+    request.extensions_mut().insert(draft.clone());
 
     let span = tracing::info_span!(
         "request",
@@ -52,6 +72,30 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     }
     .instrument(span.clone())
     .await;
+
+    if audited {
+        let record = draft.finish(Finished {
+            time: wire::rfc3339(time::OffsetDateTime::now_utc()),
+            request_id: request_id.clone(),
+            client_address,
+            method: method.to_string(),
+            status: response.status().as_u16(),
+            error_code: response
+                .extensions()
+                .get::<ErrorCode>()
+                .map(|code| code.0.to_owned()),
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        });
+        if let Err(error) = state.audit.record(record).instrument(span.clone()).await {
+            // Fail closed: whatever was about to be sent, secret included, is dropped.
+            response = ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                format!("the request was refused because it could not be audited: {error}"),
+            )
+            .into_response();
+        }
+    }
 
     let status = response.status().as_u16();
     let error_code = response.extensions().get::<ErrorCode>().map(|code| code.0);
@@ -90,7 +134,19 @@ pub async fn authenticate(
         Err(error) => return error.into_response(),
     };
 
-    let Some(principal) = state.authenticator.verify(&token) else {
+    let token_hash = state.audit.key().hash(token.expose());
+    let principal = state.authenticator.verify(&token);
+    if let Some(draft) = request.extensions().get::<AuditDraft>() {
+        draft.update(|fields| {
+            fields.token_hash = Some(token_hash);
+            fields.auth_method = Some("token".to_owned());
+            fields.principal = principal
+                .as_ref()
+                .map(|principal| principal.accessor.clone());
+        });
+    }
+
+    let Some(principal) = principal else {
         tracing::info!("request refused: invalid token");
         return ApiError::invalid_token().into_response();
     };

@@ -8,11 +8,13 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use custos_core::{DeleteRequest, Mount, Operation, SecretData, SecretPath, WriteOptions};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
+use crate::audit_trail::AuditDraft;
 use crate::error::ApiError;
 use crate::wire::{ListResponse, MetadataView, ReadResponse, WriteBody, WriteResponse};
 use crate::AppState;
@@ -38,6 +40,7 @@ pub struct DeleteQuery {
 
 pub async fn read(
     State(state): State<AppState>,
+    Extension(draft): Extension<AuditDraft>,
     uri: Uri,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -55,6 +58,7 @@ pub async fn read(
     let relative = require_secret(relative, &path)?;
     require(mount, Operation::Read)?;
     let version = mount.backend.read(&relative, query.version).await?;
+    draft.update(|fields| fields.version = Some(version.metadata.version));
     let metadata = MetadataView::new(
         path.to_string(),
         mount.path.to_string(),
@@ -86,6 +90,7 @@ async fn list(
 
 pub async fn write(
     State(state): State<AppState>,
+    Extension(draft): Extension<AuditDraft>,
     uri: Uri,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -102,6 +107,7 @@ pub async fn write(
     };
 
     let metadata = mount.backend.write(&relative, data, options).await?;
+    draft.update(|fields| fields.version = Some(metadata.version));
     tracing::info!(path = %path, version = metadata.version, "secret written");
     let body = WriteResponse {
         metadata: MetadataView::new(

@@ -7,17 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use custos_audit::sink::{JsonLinesSink, SinkTarget};
+use custos_audit::FailMode;
+use custos_audit::{AuditKey, AuditLog, AuditSettings};
 use custos_core::{Mount, MountTable, SecretBackend, SecretPath};
 use custos_local::LocalBackendSettings;
 use custos_local::{KeyError, KeySource, Keyring, KeyringHandle, LocalBackend};
 use custos_server::token::{create_root_token, TokenSecret};
 use custos_server::{AppState, Authenticator, ServerSettings};
+use custos_storage::audit::AuditRepository;
 use custos_storage::local_secrets::LocalSecretRepository;
 use custos_storage::tokens::TokenRepository;
 use custos_storage::{Database, DatabaseUrl};
 
 use crate::cli::{DevArguments, InitArguments, LogArguments, RotateArguments, ServerArguments};
-use crate::config::{LogFormat, MountSettings, Settings};
+use crate::config::{AuditSettingsConfig, LogFormat, MountSettings, Settings};
 use crate::logging;
 
 /// The mount every dev broker has.
@@ -47,6 +51,7 @@ pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
     if !key_file.exists() {
         Keyring::generate()?.save(&key_file)?;
     }
+    AuditKey::create_if_missing(&data_directory.join("audit.key"))?;
 
     let settings = Settings {
         listen: arguments.addr,
@@ -63,6 +68,13 @@ pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
             .log_level
             .clone()
             .unwrap_or_else(|| "info".to_owned()),
+        audit: AuditSettingsConfig {
+            key_file: Some(data_directory.join("audit.key")),
+            head_file: Some(data_directory.join("audit.head")),
+            fail_mode: FailMode::Closed,
+            write_timeout: Duration::from_secs(2),
+            sinks: vec![SinkTarget::File(data_directory.join("audit.jsonl"))],
+        },
         mounts: vec![MountSettings {
             path: SecretPath::parse(DEV_MOUNT).expect("the dev mount path is valid"),
             read_only: false,
@@ -110,6 +122,15 @@ pub async fn init(arguments: InitArguments) -> anyhow::Result<()> {
     }
     let keyring = KeyringHandle::load(settings.key_source.clone())?;
     check_active_key(&database, &keyring, true).await?;
+    if let Some(key_file) = &settings.audit.key_file {
+        if AuditKey::create_if_missing(key_file)? {
+            println!(
+                "Created audit key {} (mode 0600). Whoever verifies the audit log",
+                key_file.display()
+            );
+            println!("needs it; it reveals no secret.");
+        }
+    }
 
     let tokens = TokenRepository::new(database.pool().clone());
     if !tokens.root_tokens().await?.is_empty() {
@@ -176,6 +197,7 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
     }
 
     let authenticator = Authenticator::load(&TokenRepository::new(database.pool().clone())).await?;
+    let audit = Arc::new(open_audit(&settings.audit, &database).await?);
     let state = AppState {
         mounts: Arc::new(MountTable::new(mounts)?),
         authenticator: Arc::new(authenticator),
@@ -184,8 +206,46 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
             max_request_bytes: settings.max_request_bytes,
             request_timeout: settings.request_timeout,
         },
+        audit,
+        audit_repository: AuditRepository::new(database.pool().clone()),
     };
     Ok((database, state))
+}
+
+/// Starts the audit writer, or a disabled audit log when the configuration says so.
+async fn open_audit(
+    settings: &AuditSettingsConfig,
+    database: &Database,
+) -> anyhow::Result<AuditLog> {
+    let Some(key_file) = &settings.key_file else {
+        // Credentials still get hashed under a key, just one nobody keeps.
+        let key = AuditKey::from_bytes(&random_key()?);
+        return Ok(AuditLog::disabled(Arc::new(key)));
+    };
+    let key = AuditKey::load(key_file)
+        .with_context(|| "the audit key is needed to start; `custos init` creates it")?;
+
+    let mut sinks = Vec::new();
+    for target in &settings.sinks {
+        let sink = JsonLinesSink::open(target.clone())
+            .with_context(|| format!("cannot open the audit sink {target:?}"))?;
+        sinks.push(sink);
+    }
+    let audit_settings = AuditSettings {
+        fail_mode: settings.fail_mode,
+        write_timeout: settings.write_timeout,
+        head_file: settings.head_file.clone(),
+        ..AuditSettings::default()
+    };
+    let repository = AuditRepository::new(database.pool().clone());
+    Ok(AuditLog::start(repository, Arc::new(key), sinks, audit_settings).await?)
+}
+
+fn random_key() -> anyhow::Result<[u8; 32]> {
+    let mut bytes = [0_u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    Ok(bytes)
 }
 
 /// Refuses to start with a keyring that does not hold the store's active key: every
@@ -237,6 +297,7 @@ async fn run(
         .iter()
         .map(|mount| mount.path.to_string())
         .collect();
+    let audit = state.audit.clone();
     let router = custos_server::router(state);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -249,6 +310,8 @@ async fn run(
     }
 
     custos_server::serve(listener, router, shutdown_signal()).await?;
+    // Every answered request waited for its record, so this only stops the writer.
+    audit.close().await;
     // Give in-flight database work a moment to finish before closing the pool.
     tokio::time::timeout(Duration::from_secs(5), database.close())
         .await

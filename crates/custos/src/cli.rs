@@ -42,6 +42,103 @@ pub enum Command {
         #[command(subcommand)]
         command: SecretCommand,
     },
+
+    /// Search, verify, export and prune the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Search the audit log through a running broker's API, newest first.
+    Search(AuditSearchArguments),
+
+    /// Check the whole hash chain and name the first broken record. Exit status 3 when the
+    /// log was tampered with.
+    Verify {
+        /// Configuration file of the broker whose log to check.
+        #[arg(long, short, env = "CUSTOS_CONFIG")]
+        config: PathBuf,
+    },
+
+    /// Print records as JSON lines, oldest first: `{"sequence", "mac", "record"}`.
+    Export {
+        #[arg(long, short, env = "CUSTOS_CONFIG")]
+        config: PathBuf,
+        /// Only records at or after this time (RFC 3339 or YYYY-MM-DD, UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records before this time (RFC 3339 or YYYY-MM-DD, UTC).
+        #[arg(long)]
+        until: Option<String>,
+    },
+
+    /// Remove records recorded before a date, leaving a checkpoint so that the rest still
+    /// verifies. Refuses to prune a broken log.
+    Prune {
+        #[arg(long, short, env = "CUSTOS_CONFIG")]
+        config: PathBuf,
+        /// Remove records before this time (RFC 3339 or YYYY-MM-DD, UTC).
+        #[arg(long)]
+        before: String,
+    },
+
+    /// Print the keyed hash the audit log shows for a credential, to find its records.
+    Hash {
+        #[arg(long, short, env = "CUSTOS_CONFIG")]
+        config: PathBuf,
+        /// The value to hash, or `-` to read it from standard input (keeps it out of shell
+        /// history).
+        value: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditSearchArguments {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Only this principal (a token accessor).
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// Only this path and everything below it, such as secret/app.
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Only this mount.
+    #[arg(long)]
+    pub mount: Option<String>,
+    /// Only this operation: read, list, write, delete, mounts.list, audit.search, unknown.
+    #[arg(long)]
+    pub operation: Option<String>,
+    /// Only this outcome: ok, denied, not_found, bad_request, error.
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// Only records at or after this time (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only records before this time (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Records per page (1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Follow the pages to the oldest matching record.
+    #[arg(long)]
+    pub all: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = AuditFormat::Table)]
+    pub format: AuditFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuditFormat {
+    /// An aligned table for people.
+    Table,
+    /// One JSON object per line, as the audit sinks write them.
+    Json,
+    /// Comma-separated values with a header row.
+    Csv,
 }
 
 #[derive(Debug, Args)]
@@ -102,8 +199,9 @@ pub struct RotateArguments {
     pub config: PathBuf,
 }
 
+/// Where the broker is and how to authenticate to it.
 #[derive(Args)]
-pub struct Connection {
+pub struct Endpoint {
     /// Broker address.
     #[arg(
         long,
@@ -117,6 +215,12 @@ pub struct Connection {
     /// to other users in the process list.
     #[arg(long, env = "CUSTOS_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct Connection {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
 
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text, global = true)]
@@ -178,13 +282,12 @@ pub enum SecretCommand {
     },
 }
 
-impl std::fmt::Debug for Connection {
+impl std::fmt::Debug for Endpoint {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
-            .debug_struct("Connection")
+            .debug_struct("Endpoint")
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
-            .field("format", &self.format)
             .finish()
     }
 }

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 
 use custos_core::SecretPath;
 
-use crate::cli::{Connection, OutputFormat, SecretCommand};
+use crate::cli::{Connection, Endpoint, OutputFormat, SecretCommand};
 
 pub async fn run(connection: Connection, command: SecretCommand) -> anyhow::Result<ExitCode> {
     let client = Client::new(connection)?;
@@ -38,21 +38,26 @@ pub async fn run(connection: Connection, command: SecretCommand) -> anyhow::Resu
 }
 
 struct Client {
-    http: reqwest::Client,
-    address: String,
-    token: Zeroizing<String>,
+    api: ApiClient,
     format: OutputFormat,
 }
 
 /// A response body, kept as bytes so that a secret can be wiped after printing.
-struct Answer {
-    status: StatusCode,
-    body: Zeroizing<Vec<u8>>,
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Zeroizing<Vec<u8>>,
 }
 
-impl Client {
-    fn new(connection: Connection) -> anyhow::Result<Self> {
-        let Some(token) = connection.token.filter(|token| !token.is_empty()) else {
+/// An HTTP client for the broker at `endpoint`, with its token.
+pub struct ApiClient {
+    pub http: reqwest::Client,
+    pub address: String,
+    pub token: Zeroizing<String>,
+}
+
+impl ApiClient {
+    pub fn new(endpoint: Endpoint) -> anyhow::Result<Self> {
+        let Some(token) = endpoint.token.filter(|token| !token.is_empty()) else {
             bail!("no token: set CUSTOS_TOKEN (or pass --token)");
         };
         let http = reqwest::Client::builder()
@@ -60,8 +65,28 @@ impl Client {
             .build()?;
         Ok(Self {
             http,
-            address: connection.addr.trim_end_matches('/').to_owned(),
+            address: endpoint.addr.trim_end_matches('/').to_owned(),
             token: Zeroizing::new(token),
+        })
+    }
+
+    /// Sends a request to `path_and_query` (starting with `/v1/`) with the token.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
+        let response = request
+            .bearer_auth(self.token.as_str())
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the broker at {}", self.address))?;
+        let status = response.status();
+        let body = Zeroizing::new(response.bytes().await?.to_vec());
+        Ok(Answer { status, body })
+    }
+}
+
+impl Client {
+    fn new(connection: Connection) -> anyhow::Result<Self> {
+        Ok(Self {
+            api: ApiClient::new(connection.endpoint)?,
             format: connection.format,
         })
     }
@@ -76,25 +101,14 @@ impl Client {
         // Parse here with the broker's own rules: a URL library would quietly resolve
         // `a/../b` to `b`, and `?` or `#` in a path would become part of the URL.
         let path = SecretPath::parse(path).context("invalid secret path")?;
-        let url = format!("{}/v1/secrets/{path}", self.address);
-        let mut request = self
-            .http
-            .request(method, &url)
-            .bearer_auth(self.token.as_str())
-            .query(query);
+        let url = format!("{}/v1/secrets/{path}", self.api.address);
+        let mut request = self.api.http.request(method, &url).query(query);
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.to_vec());
         }
-
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the broker at {}", self.address))?;
-        let status = response.status();
-        let body = Zeroizing::new(response.bytes().await?.to_vec());
-        Ok(Answer { status, body })
+        self.api.send(request).await
     }
 
     async fn get(
@@ -270,7 +284,7 @@ impl Client {
 }
 
 /// The parsed body of a successful answer, or `None` after printing the API's error.
-fn success(answer: &Answer) -> anyhow::Result<Option<Value>> {
+pub fn success(answer: &Answer) -> anyhow::Result<Option<Value>> {
     if answer.status.is_success() {
         if answer.body.is_empty() {
             return Ok(Some(Value::Null));

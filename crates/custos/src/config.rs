@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use custos_audit::sink::SinkTarget;
+use custos_audit::FailMode;
 use custos_core::SecretPath;
 use custos_local::KeySource;
 use custos_storage::DatabaseUrl;
@@ -24,8 +26,32 @@ pub struct Config {
     pub keys: KeysConfig,
     #[serde(default)]
     pub log: LogConfig,
+    pub audit: Option<AuditConfig>,
     #[serde(default)]
     pub mounts: Vec<MountConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    pub key_file: Option<PathBuf>,
+    pub head_file: Option<PathBuf>,
+    #[serde(default = "default_fail_mode")]
+    pub fail_mode: String,
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout: String,
+    #[serde(default)]
+    pub sinks: Vec<AuditSinkConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSinkConfig {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +131,18 @@ fn default_request_timeout() -> String {
     "10s".to_owned()
 }
 
+fn default_true() -> bool {
+    true
+}
+
+fn default_fail_mode() -> String {
+    "closed".to_owned()
+}
+
+fn default_write_timeout() -> String {
+    "2s".to_owned()
+}
+
 fn default_log_format() -> String {
     "text".to_owned()
 }
@@ -123,7 +161,19 @@ pub struct Settings {
     pub key_source: KeySource,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub audit: AuditSettingsConfig,
     pub mounts: Vec<MountSettings>,
+}
+
+/// The validated `[audit]` section.
+#[derive(Debug, Clone)]
+pub struct AuditSettingsConfig {
+    /// `None` when auditing is disabled.
+    pub key_file: Option<PathBuf>,
+    pub head_file: Option<PathBuf>,
+    pub fail_mode: FailMode,
+    pub write_timeout: Duration,
+    pub sinks: Vec<SinkTarget>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -308,6 +358,7 @@ fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Set
         )
     })?;
 
+    let audit = validate_audit(config.audit, base_directory)?;
     let mounts = validate_mounts(config.mounts)?;
     Ok(Settings {
         listen,
@@ -317,7 +368,76 @@ fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Set
         key_source,
         log_format,
         log_level: config.log.level,
+        audit,
         mounts,
+    })
+}
+
+fn validate_audit(
+    audit: Option<AuditConfig>,
+    base_directory: Option<&Path>,
+) -> anyhow::Result<AuditSettingsConfig> {
+    let Some(audit) = audit else {
+        bail!(
+            "the `[audit]` section is missing; every broker needs `audit.key_file` (created by \
+             `custos init`), or `audit.enabled = false` for an unaudited test broker"
+        );
+    };
+    let resolve = |path: PathBuf| match base_directory {
+        Some(base) if path.is_relative() => base.join(path),
+        _ => path,
+    };
+
+    let fail_mode = match audit.fail_mode.as_str() {
+        "closed" => FailMode::Closed,
+        "open" => FailMode::Open,
+        other => bail!("`audit.fail_mode` is `{other}`; use `closed` (default) or `open`"),
+    };
+    let write_timeout = parse_duration(&audit.write_timeout).with_context(|| {
+        format!(
+            "`audit.write_timeout` is `{}`; use a duration such as 500ms or 2s",
+            audit.write_timeout
+        )
+    })?;
+
+    let mut sinks = Vec::new();
+    for (index, sink) in audit.sinks.into_iter().enumerate() {
+        let target = match (sink.kind.as_str(), sink.path) {
+            ("file", Some(path)) => SinkTarget::File(resolve(path)),
+            ("file", None) => bail!("`audit.sinks[{index}]` of type file needs a `path`"),
+            ("stdout", None) => SinkTarget::Stdout,
+            ("stdout", Some(_)) => bail!("`audit.sinks[{index}]` of type stdout takes no `path`"),
+            (other, _) => {
+                bail!("`audit.sinks[{index}].type` is `{other}`; use `file` or `stdout`")
+            }
+        };
+        sinks.push(target);
+    }
+
+    if !audit.enabled {
+        return Ok(AuditSettingsConfig {
+            key_file: None,
+            head_file: None,
+            fail_mode,
+            write_timeout,
+            sinks,
+        });
+    }
+    let Some(key_file) = audit.key_file.map(resolve) else {
+        bail!("`audit.key_file` is required; `custos init` creates the key there");
+    };
+    let head_file = audit.head_file.map(resolve).unwrap_or_else(|| {
+        key_file.parent().map_or_else(
+            || PathBuf::from("audit.head"),
+            |parent| parent.join("audit.head"),
+        )
+    });
+    Ok(AuditSettingsConfig {
+        key_file: Some(key_file),
+        head_file: Some(head_file),
+        fail_mode,
+        write_timeout,
+        sinks,
     })
 }
 
@@ -402,6 +522,8 @@ mod tests {
         url = "sqlite:///tmp/custos.db"
         [keys]
         file = "keyring"
+        [audit]
+        key_file = "audit.key"
         [[mounts]]
         path = "secret"
         backend = "local"
@@ -430,6 +552,12 @@ mod tests {
         );
         assert_eq!(settings.mounts[0].max_versions, 10);
         assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(
+            settings.audit.head_file,
+            Some(PathBuf::from("/etc/custos/audit.head"))
+        );
+        assert_eq!(settings.audit.fail_mode, FailMode::Closed);
+        assert_eq!(settings.audit.write_timeout, Duration::from_secs(2));
         assert_eq!(settings.storage_url.expose(), "sqlite:///tmp/custos.db");
 
         let relative = load(&MINIMAL.replace("sqlite:///tmp/", "sqlite://data/"), &[]).unwrap();

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit_commands;
 mod broker;
 mod cli;
 mod client;
@@ -49,6 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             connection,
             command,
         } => return client::run(connection, command).await,
+        Command::Audit { command } => return audit_commands::run(command).await,
     }
     Ok(ExitCode::SUCCESS)
 }
