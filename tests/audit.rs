@@ -647,3 +647,36 @@ async fn prune_keeps_the_rest_verifiable_and_tampering_detectable(kind: Database
     assert_eq!(broker.audit_records().await.len(), 3);
     broker.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_serves_reads_and_logs_the_lost_records() {
+    let mut options = BrokerOptions::new(DatabaseKind::Sqlite);
+    options.audit_write_timeout = "500ms".to_owned();
+    options.audit_fail_mode = "open".to_owned();
+    let broker = Broker::start_with(options).await;
+    assert!(
+        broker.log().contains("AUDIT FAIL-OPEN"),
+        "announced at start"
+    );
+    broker
+        .write("secret/app", json!({"password": "open"}))
+        .await
+        .expect(200);
+
+    let mut locker = broker.database_connection().await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let served = broker.read("secret/app").await;
+    assert_eq!(served.expect(200).body["data"]["password"], "open");
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    drop(locker);
+
+    assert!(broker.log().contains("audit record LOST (fail-open mode)"));
+    assert!(broker
+        .audit_records_of(&served.request_id())
+        .await
+        .is_empty());
+    broker.finish().await;
+}

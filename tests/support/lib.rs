@@ -91,6 +91,12 @@ pub struct BrokerOptions {
     pub mounts: String,
     /// `audit.write_timeout`: how long a request waits for its audit record.
     pub audit_write_timeout: String,
+    /// `audit.enabled`; only benchmarks turn it off.
+    pub audit_enabled: bool,
+    /// `audit.fail_mode`.
+    pub audit_fail_mode: String,
+    /// `log.level`.
+    pub log_level: String,
 }
 
 impl BrokerOptions {
@@ -100,6 +106,9 @@ impl BrokerOptions {
             extra_config: String::new(),
             max_request_bytes: 65_536,
             audit_write_timeout: "2s".to_owned(),
+            audit_enabled: true,
+            audit_fail_mode: "closed".to_owned(),
+            log_level: "debug".to_owned(),
             mounts: "[[mounts]]\npath = \"secret\"\nbackend = \"local\"\nmax_versions = 5\n\n\
                      [[mounts]]\npath = \"frozen\"\nbackend = \"local\"\nread_only = true\n"
                 .to_owned(),
@@ -125,10 +134,14 @@ impl Broker {
         let config = format!(
             "[server]\nlisten = \"{address}\"\nmax_request_bytes = {}\nrequest_timeout = \"5s\"\n\n\
              [storage]\nurl = \"{database_url}\"\n\n[keys]\nfile = \"keyring\"\n\n\
-             [log]\nlevel = \"debug\"\n\n\
-             [audit]\nkey_file = \"audit.key\"\nwrite_timeout = \"{}\"\n\
+             [log]\nlevel = \"{}\"\n\n\
+             [audit]\nenabled = {}\nfail_mode = \"{}\"\n\
+             key_file = \"audit.key\"\nwrite_timeout = \"{}\"\n\
              [[audit.sinks]]\ntype = \"file\"\npath = \"audit.jsonl\"\n\n{}\n{}\n",
             options.max_request_bytes,
+            options.log_level,
+            options.audit_enabled,
+            options.audit_fail_mode,
             options.audit_write_timeout,
             options.mounts,
             options.extra_config

@@ -1,7 +1,8 @@
 //! The chain head kept outside the database.
 //!
-//! After every committed batch the writer records the newest sequence and MAC in a small
-//! file on the broker's own filesystem, authenticated with the audit key. Someone who can
+//! The writer records the newest sequence and MAC in a small file on the broker's own
+//! filesystem, authenticated with the audit key: whenever it falls idle, at least every
+//! 100 ms under load, and when it stops. Someone who can
 //! edit the audit table but not this file cannot remove the newest records unnoticed:
 //! verification finds the database's chain ending before the head. The file is replaced
 //! atomically (write, then rename) but not synced: after a crash it may lag behind the

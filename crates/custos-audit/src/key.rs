@@ -155,12 +155,14 @@ impl AuditKey {
         for part in parts {
             context.update(part);
         }
-        context
-            .sign()
-            .as_ref()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect()
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let tag = context.sign();
+        let mut hex = String::with_capacity(tag.as_ref().len() * 2);
+        for byte in tag.as_ref() {
+            hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+            hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+        }
+        hex
     }
 }
 

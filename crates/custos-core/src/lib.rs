@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod mount;
 pub mod path;
+pub mod policy;
 pub mod secret;
 
 pub use backend::{BackendError, DeleteRequest, Operation, SecretBackend, WriteOptions};
