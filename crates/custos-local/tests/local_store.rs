@@ -432,9 +432,11 @@ async fn rotation_rewraps_everything_while_reads_continue(kind: DatabaseKind) {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) || operations < 20 {
                 let secret = path(&format!("s{}", index % 60));
                 if worker == 0 {
+                    // The writer uses secrets of its own, so that the versions being
+                    // rotated are never pruned by max_versions under it.
                     backend
                         .write(
-                            &secret,
+                            &path(&format!("w{}", index % 5)),
                             data(&[("value", &format!("value-{}", index % 60))]),
                             WriteOptions::default(),
                         )
