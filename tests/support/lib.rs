@@ -97,6 +97,8 @@ pub struct BrokerOptions {
     pub audit_fail_mode: String,
     /// `log.level`.
     pub log_level: String,
+    /// `server.request_timeout`.
+    pub request_timeout: String,
 }
 
 impl BrokerOptions {
@@ -109,6 +111,7 @@ impl BrokerOptions {
             audit_enabled: true,
             audit_fail_mode: "closed".to_owned(),
             log_level: "debug".to_owned(),
+            request_timeout: "5s".to_owned(),
             mounts: "[[mounts]]\npath = \"secret\"\nbackend = \"local\"\nmax_versions = 5\n\n\
                      [[mounts]]\npath = \"frozen\"\nbackend = \"local\"\nread_only = true\n"
                 .to_owned(),
@@ -132,13 +135,14 @@ impl Broker {
         let address = format!("127.0.0.1:{}", free_port());
 
         let config = format!(
-            "[server]\nlisten = \"{address}\"\nmax_request_bytes = {}\nrequest_timeout = \"5s\"\n\n\
+            "[server]\nlisten = \"{address}\"\nmax_request_bytes = {}\nrequest_timeout = \"{}\"\n\n\
              [storage]\nurl = \"{database_url}\"\n\n[keys]\nfile = \"keyring\"\n\n\
              [log]\nlevel = \"{}\"\n\n\
              [audit]\nenabled = {}\nfail_mode = \"{}\"\n\
              key_file = \"audit.key\"\nwrite_timeout = \"{}\"\n\
              [[audit.sinks]]\ntype = \"file\"\npath = \"audit.jsonl\"\n\n{}\n{}\n",
             options.max_request_bytes,
+            options.request_timeout,
             options.log_level,
             options.audit_enabled,
             options.audit_fail_mode,

@@ -50,12 +50,19 @@ pub struct AuditRecord {
     pub time: String,
     /// Also returned to the client in `X-Request-Id`.
     pub request_id: String,
-    /// The token's accessor (a non-secret id), when a token was recognised.
+    /// Who acted, when known: `root`, `token:NAME`, `kubernetes:NAMESPACE/SERVICE_ACCOUNT`
+    /// or `approle:ROLE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
-    /// How the principal authenticated, such as `token`.
+    /// How the principal authenticated: `root`, `token`, `kubernetes` or `approle`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_method: Option<String>,
+    /// Keyed hash of the token's accessor, to follow one token across records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_accessor_hash: Option<String>,
+    /// The login role asked for, on logins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     /// Keyed hash of the presented token, valid or not: `hmac-sha256:HEX`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_hash: Option<String>,
@@ -80,6 +87,9 @@ pub struct AuditRecord {
     /// Backend type of the mount, such as `local`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// The lease created by a read, or the lease a lease operation acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
     pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
@@ -124,6 +134,8 @@ mod tests {
             request_id: "r1".to_owned(),
             principal: None,
             auth_method: None,
+            token_accessor_hash: None,
+            role: None,
             token_hash: None,
             client_address: Some("127.0.0.1:5000".to_owned()),
             method: "GET".to_owned(),
@@ -133,6 +145,7 @@ mod tests {
             requested_path: None,
             version: Some(2),
             backend: Some("local".to_owned()),
+            lease_id: None,
             outcome: Outcome::NotFound,
             error_code: Some("secret_not_found".to_owned()),
             status: 404,

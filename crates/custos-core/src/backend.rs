@@ -5,6 +5,7 @@
 //! messages are shown to clients and therefore never include a secret value.
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -143,4 +144,25 @@ pub trait SecretBackend: Send + Sync + fmt::Debug {
 
     /// Soft-deletes or destroys versions.
     async fn delete(&self, path: &SecretPath, request: DeleteRequest) -> Result<(), BackendError>;
+
+    /// Renews a lease this backend issued (see [`crate::secret::NativeLease`]) by about
+    /// `increment`; returns the lifetime the backend granted. Backends without leases keep
+    /// this default.
+    async fn renew_native_lease(
+        &self,
+        lease_id: &str,
+        increment: Duration,
+    ) -> Result<Duration, BackendError> {
+        let _ = (lease_id, increment);
+        Err(BackendError::Unsupported {
+            backend: self.kind().to_owned(),
+            operation: Operation::Read,
+        })
+    }
+
+    /// Revokes a lease this backend issued. Backends without leases keep this default.
+    async fn revoke_native_lease(&self, lease_id: &str) -> Result<(), BackendError> {
+        let _ = lease_id;
+        Ok(())
+    }
 }

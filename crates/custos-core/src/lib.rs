@@ -12,6 +12,8 @@ pub mod policy;
 pub mod secret;
 
 pub use backend::{BackendError, DeleteRequest, Operation, SecretBackend, WriteOptions};
-pub use mount::{Mount, MountError, MountTable};
+pub use mount::{LeaseLimits, Mount, MountError, MountTable};
 pub use path::{PathError, SecretPath};
-pub use secret::{FieldError, ListEntry, SecretData, SecretValue, SecretVersion, VersionMetadata};
+pub use secret::{
+    FieldError, ListEntry, NativeLease, SecretData, SecretValue, SecretVersion, VersionMetadata,
+};

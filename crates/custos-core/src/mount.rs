@@ -4,6 +4,7 @@
 //! path, so `secret/team-a` wins over `secret` for `secret/team-a/db`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::backend::{Operation, SecretBackend};
 use crate::path::SecretPath;
@@ -15,6 +16,25 @@ pub struct Mount {
     pub backend: Arc<dyn SecretBackend>,
     /// Refuse writes and deletes even when the backend could do them.
     pub read_only: bool,
+    /// Lifetime of a lease on a secret read from this mount, and how far renewals may
+    /// extend it.
+    pub lease: LeaseLimits,
+}
+
+/// A mount's lease lifetimes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseLimits {
+    pub ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Default for LeaseLimits {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 impl Mount {

@@ -159,6 +159,17 @@ pub struct VersionMetadata {
 pub struct SecretVersion {
     pub data: SecretData,
     pub metadata: VersionMetadata,
+    /// The backend's own lease on this value (Vault dynamic credentials), which the
+    /// broker's lease wraps: renewed and revoked with it, and never outlived by it.
+    pub native_lease: Option<NativeLease>,
+}
+
+/// A lease the backend itself issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NativeLease {
+    pub id: String,
+    pub ttl: std::time::Duration,
+    pub renewable: bool,
 }
 
 /// One entry of a listing: a secret, or a folder holding more entries (`name/`).

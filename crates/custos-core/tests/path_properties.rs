@@ -50,6 +50,7 @@ fn table() -> MountTable {
         path: SecretPath::parse(path).unwrap(),
         backend: Arc::new(Unreachable),
         read_only: false,
+        lease: custos_core::LeaseLimits::default(),
     };
     MountTable::new(vec![
         mount("team-a"),

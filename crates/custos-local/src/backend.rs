@@ -105,7 +105,11 @@ impl LocalBackend {
                 }
             },
         )?;
-        Ok(SecretVersion { data, metadata })
+        Ok(SecretVersion {
+            data,
+            metadata,
+            native_lease: None,
+        })
     }
 }
 

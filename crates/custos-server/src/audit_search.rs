@@ -57,13 +57,11 @@ pub async fn search(
     Extension(principal): Extension<Principal>,
     query: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    if !principal.is_root {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "searching the audit log needs the audit permission",
-        ));
-    }
+    state.policies.authorize(
+        &principal,
+        &crate::identity::system_path("audit"),
+        custos_core::policy::Capability::Audit,
+    )?;
     let Query(query) = query.map_err(|error| {
         ApiError::bad_request(
             "invalid_request",

@@ -20,6 +20,10 @@ const MAX_REQUESTED_PATH: usize = 512;
 pub struct DraftFields {
     pub principal: Option<String>,
     pub auth_method: Option<String>,
+    /// Hashed with the audit key when the record is finished.
+    pub token_accessor: Option<String>,
+    pub role: Option<String>,
+    pub lease_id: Option<String>,
     pub token_hash: Option<String>,
     pub operation: String,
     pub mount: Option<String>,
@@ -80,8 +84,8 @@ impl AuditDraft {
         );
     }
 
-    /// The finished record.
-    pub fn finish(&self, finished: Finished) -> AuditRecord {
+    /// The finished record; `hash` turns the token accessor into its keyed hash.
+    pub fn finish(&self, finished: Finished, hash: impl Fn(&str) -> String) -> AuditRecord {
         let fields = self
             .0
             .lock()
@@ -92,6 +96,8 @@ impl AuditDraft {
             request_id: finished.request_id,
             principal: fields.principal,
             auth_method: fields.auth_method,
+            token_accessor_hash: fields.token_accessor.as_deref().map(hash),
+            role: fields.role,
             token_hash: fields.token_hash,
             client_address: finished.client_address,
             method: finished.method,
@@ -101,6 +107,7 @@ impl AuditDraft {
             requested_path: fields.requested_path,
             version: fields.version,
             backend: fields.backend,
+            lease_id: fields.lease_id,
             outcome: Outcome::from_status(finished.status),
             error_code: finished.error_code,
             status: finished.status,
@@ -135,6 +142,20 @@ fn operation_of(method: &Method, route: &str, query: Option<&str>) -> &'static s
         (route, "DELETE") if route.starts_with("/v1/secrets") => "delete",
         ("/v1/mounts", _) => "mounts.list",
         ("/v1/audit", _) => "audit.search",
+        ("/v1/auth/kubernetes/login", _) => "login.kubernetes",
+        ("/v1/auth/approle/login", _) => "login.approle",
+        ("/v1/auth/token/create", _) => "token.create",
+        ("/v1/auth/token/lookup-self", _) | ("/v1/auth/token/lookup", _) => "token.lookup",
+        ("/v1/auth/token/renew-self", _) | ("/v1/auth/token/renew", _) => "token.renew",
+        ("/v1/auth/token/revoke-self", _) | ("/v1/auth/token/revoke", _) => "token.revoke",
+        (route, _) if route.starts_with("/v1/auth/approle/roles") => "approle.admin",
+        ("/v1/leases/renew", _) => "lease.renew",
+        ("/v1/leases/revoke", _) => "lease.revoke",
+        ("/v1/leases/revoke-prefix", _) => "lease.revoke_prefix",
+        ("/v1/leases/revoke-principal", _) => "lease.revoke_principal",
+        ("/v1/leases/{lease_id}", _) => "lease.lookup",
+        (route, "GET") if route.starts_with("/v1/policies") => "policy.read",
+        (route, _) if route.starts_with("/v1/policies") => "policy.write",
         _ => "unknown",
     }
 }

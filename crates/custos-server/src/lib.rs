@@ -4,6 +4,11 @@
 //!   timeout, the audit record of every request, and bearer-token authentication.
 //! - [`audit_trail`]: the audit draft a request fills in while it is handled.
 //! - [`audit_search`]: `GET /v1/audit`.
+//! - [`identity`]: policies as held in memory, and the one place requests are authorised.
+//! - [`auth_routes`]: tokens, Kubernetes and AppRole logins; [`kubernetes`] asks the API
+//!   server's TokenReview; [`rate_limit`] counts failed logins and bad tokens.
+//! - [`leases`]: leases on every read, their renewal, revocation and sweeping.
+//! - [`policy_routes`] serves `/v1/policies`.
 //! - [`secrets`]: `/v1/secrets/...` handlers over the mount table.
 //! - [`wire`]: the JSON shapes, stable across backends.
 //! - [`error`]: the error body and the mapping of every failure to a status.
@@ -13,8 +18,14 @@
 
 pub mod audit_search;
 pub mod audit_trail;
+pub mod auth_routes;
 pub mod error;
+pub mod identity;
+pub mod kubernetes;
+pub mod leases;
 pub mod middleware;
+pub mod policy_routes;
+pub mod rate_limit;
 pub mod secrets;
 pub mod token;
 pub mod wire;
@@ -25,12 +36,20 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use custos_audit::AuditLog;
 use custos_core::MountTable;
+use custos_storage::approle::AppRoleRepository;
 use custos_storage::audit::AuditRepository;
+use custos_storage::tokens::TokenRepository;
 use custos_storage::Database;
+
+use crate::auth_routes::TokenDefaults;
+use crate::identity::PolicyStore;
+use crate::kubernetes::KubernetesAuth;
+use crate::leases::LeaseManager;
+use crate::rate_limit::FailureLimiter;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -64,6 +83,19 @@ pub struct AppState {
     pub settings: ServerSettings,
     pub audit: Arc<AuditLog>,
     pub audit_repository: AuditRepository,
+    pub policies: Arc<PolicyStore>,
+    pub leases: LeaseManager,
+    pub tokens: TokenRepository,
+    pub approles: AppRoleRepository,
+    pub limiter: Arc<FailureLimiter>,
+    pub auth: Arc<AuthSettings>,
+}
+
+/// How workloads log in and how long their tokens live.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub token_defaults: TokenDefaults,
+    pub kubernetes: Option<KubernetesAuth>,
 }
 
 /// The complete router of the API.
@@ -80,13 +112,52 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/secrets/", secret_routes())
         .route("/v1/mounts", get(list_mounts))
         .route("/v1/audit", get(audit_search::search))
+        .route("/v1/auth/token/create", post(auth_routes::create))
+        .route("/v1/auth/token/lookup-self", get(auth_routes::lookup_self))
+        .route("/v1/auth/token/renew-self", post(auth_routes::renew_self))
+        .route("/v1/auth/token/revoke-self", post(auth_routes::revoke_self))
+        .route("/v1/auth/token/lookup", post(auth_routes::lookup))
+        .route("/v1/auth/token/renew", post(auth_routes::renew))
+        .route("/v1/auth/token/revoke", post(auth_routes::revoke))
+        .route(
+            "/v1/auth/approle/roles/{name}",
+            get(auth_routes::get_role).put(auth_routes::put_role),
+        )
+        .route(
+            "/v1/auth/approle/roles/{name}/secret-id",
+            post(auth_routes::issue_secret_id),
+        )
+        .route("/v1/leases/renew", post(leases::renew))
+        .route("/v1/leases/revoke", post(leases::revoke))
+        .route("/v1/leases/revoke-prefix", post(leases::revoke_prefix))
+        .route(
+            "/v1/leases/revoke-principal",
+            post(leases::revoke_principal),
+        )
+        .route("/v1/leases/{lease_id}", get(leases::lookup))
+        .route("/v1/policies", get(policy_routes::list))
+        .route(
+            "/v1/policies/{name}",
+            get(policy_routes::read)
+                .put(policy_routes::write)
+                .delete(policy_routes::delete),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::authenticate,
         ));
 
+    // Logins carry no token: they are how a workload gets one.
+    let logins = Router::new()
+        .route(
+            "/v1/auth/kubernetes/login",
+            post(auth_routes::kubernetes_login),
+        )
+        .route("/v1/auth/approle/login", post(auth_routes::approle_login));
+
     Router::new()
         .route("/v1/health", get(health))
+        .merge(logins)
         .merge(authenticated)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

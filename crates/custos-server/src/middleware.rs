@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use crate::audit_trail::{AuditDraft, Finished};
+use crate::auth_routes::too_many;
 use crate::error::{ApiError, ErrorCode};
 use crate::token::TokenSecret;
 use crate::{wire, AppState};
@@ -24,6 +25,10 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Header alternative to `Authorization: Bearer`.
 pub const TOKEN_HEADER: &str = "x-custos-token";
+
+/// The client's IP address (without port), for rate limits.
+#[derive(Debug, Clone)]
+pub struct ClientAddress(pub Option<String>);
 
 /// The id of the request being handled, for handlers and error reports.
 #[derive(Debug, Clone)]
@@ -39,10 +44,14 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let client_address = request
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(address)| address.to_string());
+        .map(|ConnectInfo(address)| *address);
+    let client_address = peer.map(|address| address.to_string());
+    request
+        .extensions_mut()
+        .insert(ClientAddress(peer.map(|address| address.ip().to_string())));
     let audited = route != HEALTH_ROUTE;
     let draft = AuditDraft::for_request(
         &method,
@@ -74,18 +83,21 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     .await;
 
     if audited {
-        let record = draft.finish(Finished {
-            time: wire::rfc3339(time::OffsetDateTime::now_utc()),
-            request_id: request_id.clone(),
-            client_address,
-            method: method.to_string(),
-            status: response.status().as_u16(),
-            error_code: response
-                .extensions()
-                .get::<ErrorCode>()
-                .map(|code| code.0.to_owned()),
-            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-        });
+        let record = draft.finish(
+            Finished {
+                time: wire::rfc3339(time::OffsetDateTime::now_utc()),
+                request_id: request_id.clone(),
+                client_address,
+                method: method.to_string(),
+                status: response.status().as_u16(),
+                error_code: response
+                    .extensions()
+                    .get::<ErrorCode>()
+                    .map(|code| code.0.to_owned()),
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            },
+            |accessor| state.audit.key().hash(accessor),
+        );
         if let Err(error) = state.audit.record(record).instrument(span.clone()).await {
             // Fail closed: whatever was about to be sent, secret included, is dropped.
             response = ApiError::new(
@@ -122,12 +134,21 @@ fn timed_out(timeout: Duration) -> Response {
     .into_response()
 }
 
-/// Refuses requests without a valid token and records the principal for handlers.
+/// Refuses requests without a valid token and records the principal for handlers. Bad
+/// tokens count against the client's address; too many get 429 before any lookup.
 pub async fn authenticate(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    let address = request
+        .extensions()
+        .get::<ClientAddress>()
+        .and_then(|address| address.0.clone());
+    if let Some(wait) = state.limiter.blocked(address.as_deref(), None) {
+        return too_many(wait).into_response();
+    }
+
     let token = match presented_token(request.headers()) {
         Ok(Some(token)) => token,
         Ok(None) => return ApiError::missing_token().into_response(),
@@ -135,22 +156,37 @@ pub async fn authenticate(
     };
 
     let token_hash = state.audit.key().hash(token.expose());
-    let principal = state.authenticator.verify(&token);
+    let principal = match state.authenticator.verify(&token).await {
+        Ok(principal) => principal,
+        Err(error) => {
+            tracing::error!(%error, "token lookup failed");
+            return ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the broker's own database did not answer; retry shortly",
+            )
+            .into_response();
+        }
+    };
     if let Some(draft) = request.extensions().get::<AuditDraft>() {
         draft.update(|fields| {
             fields.token_hash = Some(token_hash);
-            fields.auth_method = Some("token".to_owned());
-            fields.principal = principal
+            fields.auth_method = principal
+                .as_ref()
+                .map(|principal| principal.auth_method.clone());
+            fields.principal = principal.as_ref().map(|principal| principal.name.clone());
+            fields.token_accessor = principal
                 .as_ref()
                 .map(|principal| principal.accessor.clone());
         });
     }
 
     let Some(principal) = principal else {
+        state.limiter.record_failure(address.as_deref(), None);
         tracing::info!("request refused: invalid token");
         return ApiError::invalid_token().into_response();
     };
-    tracing::Span::current().record("principal", principal.accessor.as_str());
+    tracing::Span::current().record("principal", principal.name.as_str());
     request.extensions_mut().insert(principal);
     next.run(request).await
 }

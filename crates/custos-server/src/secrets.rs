@@ -14,8 +14,12 @@ use custos_core::{DeleteRequest, Mount, Operation, SecretData, SecretPath, Write
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
+use custos_core::policy::Capability;
+
 use crate::audit_trail::AuditDraft;
 use crate::error::ApiError;
+use crate::leases::{LEASE_ID_HEADER, LEASE_TTL_HEADER};
+use crate::token::Principal;
 use crate::wire::{ListResponse, MetadataView, ReadResponse, WriteBody, WriteResponse};
 use crate::AppState;
 
@@ -41,6 +45,7 @@ pub struct DeleteQuery {
 pub async fn read(
     State(state): State<AppState>,
     Extension(draft): Extension<AuditDraft>,
+    Extension(principal): Extension<Principal>,
     uri: Uri,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -49,8 +54,14 @@ pub async fn read(
     let (mount, relative) = route(&state, &path)?;
 
     if query.list {
+        state
+            .policies
+            .authorize(&principal, &path, Capability::List)?;
         return list(mount, relative.as_ref(), &path).await;
     }
+    state
+        .policies
+        .authorize(&principal, &path, Capability::Read)?;
     if let Some(version) = query.version {
         check_version(version)?;
     }
@@ -58,7 +69,21 @@ pub async fn read(
     let relative = require_secret(relative, &path)?;
     require(mount, Operation::Read)?;
     let version = mount.backend.read(&relative, query.version).await?;
-    draft.update(|fields| fields.version = Some(version.metadata.version));
+    let lease = state
+        .leases
+        .issue(
+            &principal,
+            &mount.path,
+            &path,
+            version.metadata.version,
+            version.native_lease.as_ref(),
+        )
+        .await
+        .map_err(crate::leases::store_error)?;
+    draft.update(|fields| {
+        fields.version = Some(version.metadata.version);
+        fields.lease_id = Some(lease.lease_id.clone());
+    });
     let metadata = MetadataView::new(
         path.to_string(),
         mount.path.to_string(),
@@ -67,11 +92,16 @@ pub async fn read(
     );
     tracing::info!(path = %path, version = version.metadata.version, "secret read");
 
+    let lease_headers = [
+        (LEASE_ID_HEADER, lease.lease_id.clone()),
+        (LEASE_TTL_HEADER, lease.ttl_seconds.to_string()),
+    ];
     let body = ReadResponse {
         data: crate::wire::FieldsView(&version.data),
         metadata,
+        lease,
     };
-    Ok(Json(body).into_response())
+    Ok((lease_headers, Json(body)).into_response())
 }
 
 async fn list(
@@ -91,10 +121,14 @@ async fn list(
 pub async fn write(
     State(state): State<AppState>,
     Extension(draft): Extension<AuditDraft>,
+    Extension(principal): Extension<Principal>,
     uri: Uri,
     body: Body,
 ) -> Result<Response, ApiError> {
     let path = secret_path(&uri)?;
+    state
+        .policies
+        .authorize(&principal, &path, Capability::Write)?;
     let (mount, relative) = route(&state, &path)?;
     let relative = require_secret(relative, &path)?;
     require(mount, Operation::Write)?;
@@ -122,11 +156,15 @@ pub async fn write(
 
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     uri: Uri,
     query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(query_error)?;
     let path = secret_path(&uri)?;
+    state
+        .policies
+        .authorize(&principal, &path, Capability::Delete)?;
     let (mount, relative) = route(&state, &path)?;
     let relative = require_secret(relative, &path)?;
     require(mount, Operation::Delete)?;
@@ -254,6 +292,28 @@ fn body_error(error: serde_json::Error) -> ApiError {
         format!("the body is not a valid secret: {text}")
     };
     ApiError::bad_request("invalid_request", message)
+}
+
+/// A JSON body rejection, without quoting the body.
+pub fn json_error(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
+    use axum::extract::rejection::JsonRejection;
+    match rejection {
+        JsonRejection::JsonDataError(_) => ApiError::bad_request(
+            "invalid_request",
+            "the body does not have the expected fields; see docs/API.md",
+        ),
+        JsonRejection::JsonSyntaxError(_) => {
+            ApiError::bad_request("invalid_request", "the body is not valid JSON")
+        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::bad_request(
+            "invalid_request",
+            "send the body as JSON with `Content-Type: application/json`",
+        ),
+        JsonRejection::BytesRejection(_) => {
+            ApiError::bad_request("invalid_request", "the body could not be read")
+        }
+        _ => ApiError::bad_request("invalid_request", "the body was refused"),
+    }
 }
 
 fn query_error(error: axum::extract::rejection::QueryRejection) -> ApiError {

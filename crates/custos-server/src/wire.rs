@@ -124,6 +124,7 @@ impl MetadataView {
 pub struct ReadResponse<'a> {
     pub data: FieldsView<'a>,
     pub metadata: MetadataView,
+    pub lease: crate::leases::LeaseView,
 }
 
 /// Body of a successful write.

@@ -6,7 +6,7 @@
 use sqlx::any::AnyArguments;
 use sqlx::{AnyPool, Arguments, Row};
 
-use crate::database::{to_i64, to_u64};
+use crate::database::{to_i64, to_u64, Database, DatabaseKind};
 use crate::error::StorageError;
 
 /// One stored audit record.
@@ -68,18 +68,26 @@ const ROWS_PER_STATEMENT: usize = 512;
 #[derive(Debug, Clone)]
 pub struct AuditRepository {
     pool: AnyPool,
+    kind: DatabaseKind,
 }
 
 impl AuditRepository {
-    pub fn new(pool: AnyPool) -> Self {
-        Self { pool }
+    pub fn new(database: &Database) -> Self {
+        Self {
+            pool: database.pool().clone(),
+            kind: database.kind(),
+        }
     }
 
     /// Inserts a batch of records atomically: all of them become durable at one commit, or
-    /// none does. A batch of up to 512 records is a single statement, which commits on its
-    /// own without an explicit transaction (saving two round trips per batch).
+    /// none does.
+    ///
+    /// On SQLite a batch of up to 512 records is a single statement that commits by itself,
+    /// saving two round trips per batch. PostgreSQL always gets an explicit transaction: a
+    /// caller that gives up waiting (a lock held elsewhere) never sends COMMIT, whereas a
+    /// lone statement queued behind the lock would still commit once the lock is released.
     pub async fn insert_batch(&self, rows: &[AuditRow]) -> Result<(), StorageError> {
-        if rows.len() <= ROWS_PER_STATEMENT {
+        if self.kind == DatabaseKind::Sqlite && rows.len() <= ROWS_PER_STATEMENT {
             let (sql, arguments) = insert_statement(rows)?;
             sqlx::query_with(&sql, arguments)
                 .execute(&self.pool)

@@ -90,13 +90,14 @@ fn pool_options(kind: DatabaseKind) -> AnyPoolOptions {
 
     match kind {
         // WAL lets readers proceed during a write; FULL sync makes each commit durable;
-        // the busy timeout makes a second writer wait instead of failing at once.
+        // the busy timeout makes a second writer wait instead of failing at once, but not
+        // so long that connections stuck behind a foreign lock starve the pool.
         DatabaseKind::Sqlite => options.after_connect(|connection, _metadata| {
             Box::pin(async move {
                 connection
                     .execute(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                         PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                         PRAGMA busy_timeout = 1000; PRAGMA foreign_keys = ON;",
                     )
                     .await?;
                 Ok(())

@@ -8,10 +8,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod approle;
 pub mod audit;
 mod database;
 mod error;
+pub mod leases;
 pub mod local_secrets;
+pub mod policies;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tokens;

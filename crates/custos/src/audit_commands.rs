@@ -181,7 +181,7 @@ async fn open_store(config: &Path) -> anyhow::Result<AuditStore> {
     };
     let key = AuditKey::load(key_file)?;
     let database = Database::connect(settings.storage_url.expose()).await?;
-    let repository = AuditRepository::new(database.pool().clone());
+    let repository = AuditRepository::new(&database);
     Ok(AuditStore {
         database,
         repository,

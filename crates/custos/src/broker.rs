@@ -10,18 +10,29 @@ use anyhow::{bail, Context};
 use custos_audit::sink::{JsonLinesSink, SinkTarget};
 use custos_audit::FailMode;
 use custos_audit::{AuditKey, AuditLog, AuditSettings};
+use custos_core::LeaseLimits;
 use custos_core::{Mount, MountTable, SecretBackend, SecretPath};
 use custos_local::LocalBackendSettings;
 use custos_local::{KeyError, KeySource, Keyring, KeyringHandle, LocalBackend};
+use custos_server::auth_routes::TokenDefaults;
+use custos_server::identity::PolicyStore;
+use custos_server::kubernetes::KubernetesAuth;
+use custos_server::leases::{spawn_sweeper, LeaseManager};
+use custos_server::rate_limit::FailureLimiter;
 use custos_server::token::{create_root_token, TokenSecret};
-use custos_server::{AppState, Authenticator, ServerSettings};
+use custos_server::{AppState, AuthSettings, Authenticator, ServerSettings};
+use custos_storage::approle::AppRoleRepository;
 use custos_storage::audit::AuditRepository;
+use custos_storage::leases::LeaseRepository;
 use custos_storage::local_secrets::LocalSecretRepository;
+use custos_storage::policies::PolicyRepository;
 use custos_storage::tokens::TokenRepository;
 use custos_storage::{Database, DatabaseUrl};
 
 use crate::cli::{DevArguments, InitArguments, LogArguments, RotateArguments, ServerArguments};
-use crate::config::{AuditSettingsConfig, LogFormat, MountSettings, Settings};
+use crate::config::{
+    AuditSettingsConfig, AuthSettingsConfig, KubernetesSettings, LogFormat, MountSettings, Settings,
+};
 use crate::logging;
 
 /// The mount every dev broker has.
@@ -32,13 +43,20 @@ pub async fn server(arguments: ServerArguments) -> anyhow::Result<()> {
     init_logging(&settings, &arguments.log);
 
     let (database, state) = open(&settings, false).await?;
-    if !state.authenticator.has_root_token() {
+    if !state.authenticator.has_root_token().await? {
         bail!(
             "the store has no root token yet; run `custos init --config {}` first",
             arguments.config.display()
         );
     }
-    run(settings.listen, database, state, None).await
+    run(
+        settings.listen,
+        settings.auth.sweep_interval,
+        database,
+        state,
+        None,
+    )
+    .await
 }
 
 pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
@@ -68,6 +86,8 @@ pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
             .log_level
             .clone()
             .unwrap_or_else(|| "info".to_owned()),
+        auth: AuthSettingsConfig::default(),
+        policies: Vec::new(),
         audit: AuditSettingsConfig {
             key_file: Some(data_directory.join("audit.key")),
             head_file: Some(data_directory.join("audit.head")),
@@ -79,20 +99,26 @@ pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
             path: SecretPath::parse(DEV_MOUNT).expect("the dev mount path is valid"),
             read_only: false,
             max_versions: custos_local::backend::DEFAULT_MAX_VERSIONS,
+            lease: LeaseLimits::default(),
         }],
     };
     init_logging(&settings, &arguments.log);
 
-    let (database, mut state) = open(&settings, true).await?;
+    let (database, state) = open(&settings, true).await?;
     let token = dev_root_token(&database, &state.authenticator, &data_directory).await?;
-    state.authenticator =
-        Arc::new(Authenticator::load(&TokenRepository::new(database.pool().clone())).await?);
 
     let banner = DevBanner {
         data_directory,
         token,
     };
-    run(settings.listen, database, state, Some(banner)).await
+    run(
+        settings.listen,
+        settings.auth.sweep_interval,
+        database,
+        state,
+        Some(banner),
+    )
+    .await
 }
 
 pub async fn init(arguments: InitArguments) -> anyhow::Result<()> {
@@ -193,13 +219,26 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
             path: mount.path.clone(),
             backend,
             read_only: mount.read_only,
+            lease: mount.lease,
         });
     }
 
-    let authenticator = Authenticator::load(&TokenRepository::new(database.pool().clone())).await?;
+    let tokens = TokenRepository::new(database.pool().clone());
+    let authenticator = Authenticator::new(tokens.clone());
     let audit = Arc::new(open_audit(&settings.audit, &database).await?);
+    let mounts = Arc::new(MountTable::new(mounts)?);
+    let policies = PolicyStore::new(
+        settings.policies.clone(),
+        PolicyRepository::new(database.pool().clone()),
+    );
+    policies.reload().await?;
+    let leases = LeaseManager::new(
+        LeaseRepository::new(database.pool().clone()),
+        tokens.clone(),
+        mounts.clone(),
+    );
     let state = AppState {
-        mounts: Arc::new(MountTable::new(mounts)?),
+        mounts,
         authenticator: Arc::new(authenticator),
         database: database.clone(),
         settings: ServerSettings {
@@ -207,9 +246,47 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
             request_timeout: settings.request_timeout,
         },
         audit,
-        audit_repository: AuditRepository::new(database.pool().clone()),
+        audit_repository: AuditRepository::new(&database),
+        policies,
+        leases,
+        tokens,
+        approles: AppRoleRepository::new(database.pool().clone()),
+        limiter: Arc::new(FailureLimiter::new(
+            settings.auth.per_address,
+            settings.auth.per_role,
+        )),
+        auth: Arc::new(AuthSettings {
+            token_defaults: TokenDefaults {
+                ttl: settings.auth.token_ttl,
+                max_ttl: settings.auth.token_max_ttl,
+            },
+            kubernetes: settings
+                .auth
+                .kubernetes
+                .as_ref()
+                .map(kubernetes_auth)
+                .transpose()?,
+        }),
     };
     Ok((database, state))
+}
+
+/// The Kubernetes login settings, with an HTTP client that trusts the cluster's CA.
+fn kubernetes_auth(settings: &KubernetesSettings) -> anyhow::Result<KubernetesAuth> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if let Some(ca_file) = &settings.ca_file {
+        let pem = std::fs::read(ca_file)
+            .with_context(|| format!("cannot read the Kubernetes CA {}", ca_file.display()))?;
+        let certificate = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", ca_file.display()))?;
+        builder = builder.add_root_certificate(certificate);
+    }
+    Ok(KubernetesAuth {
+        api_url: settings.api_url.clone(),
+        reviewer_token_file: settings.reviewer_token_file.clone(),
+        http: builder.build()?,
+        roles: settings.roles.clone(),
+    })
 }
 
 /// Starts the audit writer, or a disabled audit log when the configuration says so.
@@ -237,7 +314,7 @@ async fn open_audit(
         head_file: settings.head_file.clone(),
         ..AuditSettings::default()
     };
-    let repository = AuditRepository::new(database.pool().clone());
+    let repository = AuditRepository::new(database);
     Ok(AuditLog::start(repository, Arc::new(key), sinks, audit_settings).await?)
 }
 
@@ -287,6 +364,7 @@ struct DevBanner {
 
 async fn run(
     listen: SocketAddr,
+    sweep_interval: Duration,
     database: Database,
     state: AppState,
     banner: Option<DevBanner>,
@@ -298,6 +376,7 @@ async fn run(
         .map(|mount| mount.path.to_string())
         .collect();
     let audit = state.audit.clone();
+    let sweeper = spawn_sweeper(state.leases.clone(), sweep_interval);
     let router = custos_server::router(state);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -310,6 +389,7 @@ async fn run(
     }
 
     custos_server::serve(listener, router, shutdown_signal()).await?;
+    sweeper.abort();
     // Every answered request waited for its record, so this only stops the writer.
     audit.close().await;
     // Give in-flight database work a moment to finish before closing the pool.
@@ -353,7 +433,7 @@ async fn dev_root_token(
     let token_file = data_directory.join("root-token");
     if let Ok(text) = std::fs::read_to_string(&token_file) {
         let token = TokenSecret::new(text.trim().to_owned());
-        if authenticator.verify(&token).is_some() {
+        if authenticator.verify(&token).await?.is_some() {
             return Ok(token);
         }
     }

@@ -11,8 +11,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use custos_audit::sink::SinkTarget;
 use custos_audit::FailMode;
+use custos_core::policy::Policy;
+use custos_core::LeaseLimits;
 use custos_core::SecretPath;
 use custos_local::KeySource;
+use custos_server::identity::{PolicyDocument, RuleDocument};
+use custos_server::kubernetes::KubernetesRole;
+use custos_server::rate_limit::Limit;
 use custos_storage::DatabaseUrl;
 use serde::Deserialize;
 
@@ -28,7 +33,62 @@ pub struct Config {
     pub log: LogConfig,
     pub audit: Option<AuditConfig>,
     #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+    #[serde(default)]
     pub mounts: Vec<MountConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub token_ttl: Option<String>,
+    pub token_max_ttl: Option<String>,
+    pub sweep_interval: Option<String>,
+    pub failed_attempts_per_address: Option<u32>,
+    pub failed_attempts_per_role: Option<u32>,
+    pub failure_window: Option<String>,
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    pub api_url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub reviewer_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub roles: Vec<KubernetesRoleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesRoleConfig {
+    pub name: String,
+    pub namespaces: Vec<String>,
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub policies: Vec<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub token_ttl: Option<String>,
+    pub token_max_ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub path: String,
+    pub capabilities: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +174,8 @@ pub struct MountConfig {
     #[serde(default)]
     pub read_only: bool,
     pub max_versions: Option<u64>,
+    pub lease_ttl: Option<String>,
+    pub lease_max_ttl: Option<String>,
 }
 
 /// Default listen address of `custos server` and `custos dev`.
@@ -162,7 +224,48 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_level: String,
     pub audit: AuditSettingsConfig,
+    pub auth: AuthSettingsConfig,
+    pub policies: Vec<(Policy, PolicyDocument)>,
     pub mounts: Vec<MountSettings>,
+}
+
+/// The validated `[auth]` section.
+#[derive(Debug, Clone)]
+pub struct AuthSettingsConfig {
+    pub token_ttl: Duration,
+    pub token_max_ttl: Duration,
+    pub sweep_interval: Duration,
+    pub per_address: Limit,
+    pub per_role: Limit,
+    pub kubernetes: Option<KubernetesSettings>,
+}
+
+impl Default for AuthSettingsConfig {
+    fn default() -> Self {
+        let window = Duration::from_secs(60);
+        Self {
+            token_ttl: Duration::from_secs(15 * 60),
+            token_max_ttl: Duration::from_secs(24 * 3600),
+            sweep_interval: Duration::from_secs(10),
+            per_address: Limit {
+                failures: 10,
+                window,
+            },
+            per_role: Limit {
+                failures: 50,
+                window,
+            },
+            kubernetes: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KubernetesSettings {
+    pub api_url: String,
+    pub ca_file: Option<PathBuf>,
+    pub reviewer_token_file: Option<PathBuf>,
+    pub roles: Vec<KubernetesRole>,
 }
 
 /// The validated `[audit]` section.
@@ -187,6 +290,7 @@ pub struct MountSettings {
     pub path: SecretPath,
     pub read_only: bool,
     pub max_versions: u64,
+    pub lease: LeaseLimits,
 }
 
 /// Environment variables that override configuration keys, `CUSTOS_<SECTION>_<KEY>`.
@@ -359,6 +463,8 @@ fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Set
     })?;
 
     let audit = validate_audit(config.audit, base_directory)?;
+    let auth = validate_auth(config.auth, base_directory)?;
+    let policies = validate_policies(config.policies)?;
     let mounts = validate_mounts(config.mounts)?;
     Ok(Settings {
         listen,
@@ -369,8 +475,155 @@ fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Set
         log_format,
         log_level: config.log.level,
         audit,
+        auth,
+        policies,
         mounts,
     })
+}
+
+/// A duration setting, or its default, with an error naming the key.
+fn duration_setting(
+    value: Option<&String>,
+    key: &str,
+    default: Duration,
+) -> anyhow::Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(text) => parse_duration(text).with_context(|| {
+            format!("`{key}` is `{text}`; use a duration such as 30s, 15m or 24h")
+        }),
+    }
+}
+
+fn validate_auth(
+    auth: AuthConfig,
+    base_directory: Option<&Path>,
+) -> anyhow::Result<AuthSettingsConfig> {
+    let defaults = AuthSettingsConfig::default();
+    let window = duration_setting(
+        auth.failure_window.as_ref(),
+        "auth.failure_window",
+        defaults.per_address.window,
+    )?;
+    let resolve = |path: PathBuf| match base_directory {
+        Some(base) if path.is_relative() => base.join(path),
+        _ => path,
+    };
+
+    let kubernetes = match auth.kubernetes {
+        None => None,
+        Some(kubernetes) => {
+            let api_url = match kubernetes.api_url {
+                Some(url) => url,
+                None => in_cluster_api_url().context(
+                    "`auth.kubernetes.api_url` is not set and the broker does not run in a \
+                     pod (KUBERNETES_SERVICE_HOST is unset); set it",
+                )?,
+            };
+            let mut roles = Vec::new();
+            for (index, role) in kubernetes.roles.into_iter().enumerate() {
+                let key = format!("auth.kubernetes.roles[{index}]");
+                if role.namespaces.is_empty() || role.service_accounts.is_empty() {
+                    bail!(
+                        "`{key}` needs `namespaces` and `service_accounts` (use [\"*\"] for \
+                         any)"
+                    );
+                }
+                let token_ttl = duration_setting(
+                    role.token_ttl.as_ref(),
+                    &format!("{key}.token_ttl"),
+                    defaults.token_ttl,
+                )?;
+                let token_max_ttl = duration_setting(
+                    role.token_max_ttl.as_ref(),
+                    &format!("{key}.token_max_ttl"),
+                    Duration::from_secs(3600).max(token_ttl),
+                )?;
+                roles.push(KubernetesRole {
+                    name: role.name,
+                    namespaces: role.namespaces,
+                    service_accounts: role.service_accounts,
+                    policies: role.policies,
+                    audiences: role.audiences,
+                    token_ttl,
+                    token_max_ttl,
+                });
+            }
+            Some(KubernetesSettings {
+                api_url,
+                ca_file: kubernetes.ca_file.map(resolve),
+                reviewer_token_file: kubernetes.reviewer_token_file.map(resolve),
+                roles,
+            })
+        }
+    };
+
+    Ok(AuthSettingsConfig {
+        token_ttl: duration_setting(
+            auth.token_ttl.as_ref(),
+            "auth.token_ttl",
+            defaults.token_ttl,
+        )?,
+        token_max_ttl: duration_setting(
+            auth.token_max_ttl.as_ref(),
+            "auth.token_max_ttl",
+            defaults.token_max_ttl,
+        )?,
+        sweep_interval: duration_setting(
+            auth.sweep_interval.as_ref(),
+            "auth.sweep_interval",
+            defaults.sweep_interval,
+        )?,
+        per_address: Limit {
+            failures: auth
+                .failed_attempts_per_address
+                .unwrap_or(defaults.per_address.failures)
+                .max(1),
+            window,
+        },
+        per_role: Limit {
+            failures: auth
+                .failed_attempts_per_role
+                .unwrap_or(defaults.per_role.failures)
+                .max(1),
+            window,
+        },
+        kubernetes,
+    })
+}
+
+/// The API server address a pod sees, from the variables Kubernetes sets in every pod.
+fn in_cluster_api_url() -> Option<String> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".to_owned());
+    Some(format!("https://{host}:{port}"))
+}
+
+fn validate_policies(policies: Vec<PolicyConfig>) -> anyhow::Result<Vec<(Policy, PolicyDocument)>> {
+    let mut validated: Vec<(Policy, PolicyDocument)> = Vec::new();
+    for (index, policy) in policies.into_iter().enumerate() {
+        let document = PolicyDocument {
+            rules: policy
+                .rules
+                .into_iter()
+                .map(|rule| RuleDocument {
+                    path: rule.path,
+                    capabilities: rule.capabilities,
+                })
+                .collect(),
+        };
+        let parsed = document.to_policy(&policy.name).map_err(|message| {
+            anyhow::anyhow!("`policies[{index}]` ({}): {message}", policy.name)
+        })?;
+        if policy.name == "root" || validated.iter().any(|(other, _)| other.name == policy.name) {
+            bail!(
+                "`policies[{index}].name` `{}` is taken; choose another name",
+                policy.name
+            );
+        }
+        validated.push((parsed, document));
+    }
+    Ok(validated)
 }
 
 fn validate_audit(
@@ -454,6 +707,9 @@ fn validate_mounts(mounts: Vec<MountConfig>) -> anyhow::Result<Vec<MountSettings
         let key = format!("mounts[{index}]");
         let path = SecretPath::parse(&mount.path)
             .with_context(|| format!("`{key}.path` `{}` is not a valid path", mount.path))?;
+        if path.segments().next() == Some("sys") {
+            bail!("`{key}.path` `{path}`: `sys` is reserved for the broker's own permissions");
+        }
         if validated.iter().any(|other| other.path == path) {
             bail!("`{key}.path` `{path}` is used by another mount; give each mount its own path");
         }
@@ -469,10 +725,25 @@ fn validate_mounts(mounts: Vec<MountConfig>) -> anyhow::Result<Vec<MountSettings
         if !(1..=1000).contains(&max_versions) {
             bail!("`{key}.max_versions` is {max_versions}; use 1 to 1000");
         }
+        let defaults = LeaseLimits::default();
+        let ttl = duration_setting(
+            mount.lease_ttl.as_ref(),
+            &format!("{key}.lease_ttl"),
+            defaults.ttl,
+        )?;
+        let max_ttl = duration_setting(
+            mount.lease_max_ttl.as_ref(),
+            &format!("{key}.lease_max_ttl"),
+            defaults.max_ttl.max(ttl),
+        )?;
+        if max_ttl < ttl {
+            bail!("`{key}.lease_max_ttl` is shorter than `{key}.lease_ttl`");
+        }
         validated.push(MountSettings {
             path,
             read_only: mount.read_only,
             max_versions,
+            lease: LeaseLimits { ttl, max_ttl },
         });
     }
     Ok(validated)

@@ -1,0 +1,211 @@
+//! Leases: one per secret read through the broker, renewable up to a maximum, revocable
+//! one by one, by path prefix, by principal, or with the token that holds them.
+
+use sqlx::{AnyPool, Row};
+
+use crate::database::{to_i64, to_u64};
+use crate::error::StorageError;
+
+/// One stored lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub lease_id: String,
+    pub token_accessor: String,
+    pub principal: String,
+    pub mount: String,
+    pub path: String,
+    pub version: Option<u64>,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub max_expires_at: i64,
+    pub renewable: bool,
+    pub revoked_at: Option<i64>,
+    /// `revoked`, `expired`, `token revoked`, ...
+    pub revoke_reason: Option<String>,
+    /// The backend's own lease (a Vault lease id), renewed and revoked with this one.
+    pub native_lease_id: Option<String>,
+}
+
+const COLUMNS: &str = "lease_id, token_accessor, principal, mount, path, version, issued_at, \
+                       expires_at, max_expires_at, renewable, revoked_at, revoke_reason, \
+                       native_lease_id";
+
+/// Which leases a bulk revocation takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseSelector {
+    /// The path itself and everything below it.
+    PathPrefix(String),
+    Principal(String),
+    Tokens(Vec<String>),
+    /// Active leases that expired at or before this time (Unix microseconds).
+    ExpiredBy(i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseRepository {
+    pool: AnyPool,
+}
+
+impl LeaseRepository {
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool }
+    }
+
+    pub async fn insert(&self, lease: &LeaseRow) -> Result<(), StorageError> {
+        sqlx::query(&format!(
+            "INSERT INTO leases ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        ))
+        .bind(&lease.lease_id)
+        .bind(&lease.token_accessor)
+        .bind(&lease.principal)
+        .bind(&lease.mount)
+        .bind(&lease.path)
+        .bind(lease.version.map(to_i64).transpose()?)
+        .bind(lease.issued_at)
+        .bind(lease.expires_at)
+        .bind(lease.max_expires_at)
+        .bind(i64::from(lease.renewable))
+        .bind(lease.revoked_at)
+        .bind(&lease.revoke_reason)
+        .bind(&lease.native_lease_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, lease_id: &str) -> Result<Option<LeaseRow>, StorageError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM leases WHERE lease_id = $1"))
+            .bind(lease_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(lease_row).transpose()
+    }
+
+    /// Moves an active lease's expiry; false when it is revoked or already expired.
+    pub async fn renew(
+        &self,
+        lease_id: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<bool, StorageError> {
+        let changed = sqlx::query(
+            "UPDATE leases SET expires_at = $2 WHERE lease_id = $1 AND revoked_at IS NULL \
+             AND expires_at > $3",
+        )
+        .bind(lease_id)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(changed == 1)
+    }
+
+    /// Revokes one active lease; false when it was not active.
+    pub async fn revoke(
+        &self,
+        lease_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<bool, StorageError> {
+        let changed = sqlx::query(
+            "UPDATE leases SET revoked_at = $2, revoke_reason = $3 \
+             WHERE lease_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(lease_id)
+        .bind(now)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(changed == 1)
+    }
+
+    /// Revokes every active lease the selector takes and returns them (as they were before
+    /// revocation), so callers can revoke native leases and report what was revoked.
+    pub async fn revoke_many(
+        &self,
+        selector: &LeaseSelector,
+        reason: &str,
+        now: i64,
+    ) -> Result<Vec<LeaseRow>, StorageError> {
+        let mut transaction = self.pool.begin().await?;
+        let rows = match selector {
+            LeaseSelector::PathPrefix(prefix) => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM leases WHERE revoked_at IS NULL \
+                     AND (path = $1 OR substr(path, 1, length($2)) = $2)"
+                ))
+                .bind(prefix)
+                .bind(format!("{prefix}/"))
+                .fetch_all(&mut *transaction)
+                .await?
+            }
+            LeaseSelector::Principal(principal) => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM leases WHERE revoked_at IS NULL AND principal = $1"
+                ))
+                .bind(principal)
+                .fetch_all(&mut *transaction)
+                .await?
+            }
+            LeaseSelector::Tokens(accessors) => {
+                let mut rows = Vec::new();
+                for accessor in accessors {
+                    rows.extend(
+                        sqlx::query(&format!(
+                            "SELECT {COLUMNS} FROM leases WHERE revoked_at IS NULL \
+                             AND token_accessor = $1"
+                        ))
+                        .bind(accessor)
+                        .fetch_all(&mut *transaction)
+                        .await?,
+                    );
+                }
+                rows
+            }
+            LeaseSelector::ExpiredBy(moment) => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM leases WHERE revoked_at IS NULL AND expires_at <= $1"
+                ))
+                .bind(*moment)
+                .fetch_all(&mut *transaction)
+                .await?
+            }
+        };
+
+        let leases: Vec<LeaseRow> = rows.into_iter().map(lease_row).collect::<Result<_, _>>()?;
+        for lease in &leases {
+            sqlx::query(
+                "UPDATE leases SET revoked_at = $2, revoke_reason = $3 \
+                 WHERE lease_id = $1 AND revoked_at IS NULL",
+            )
+            .bind(&lease.lease_id)
+            .bind(now)
+            .bind(reason)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(leases)
+    }
+}
+
+fn lease_row(row: sqlx::any::AnyRow) -> Result<LeaseRow, StorageError> {
+    Ok(LeaseRow {
+        lease_id: row.try_get(0)?,
+        token_accessor: row.try_get(1)?,
+        principal: row.try_get(2)?,
+        mount: row.try_get(3)?,
+        path: row.try_get(4)?,
+        version: row.try_get::<Option<i64>, _>(5)?.map(to_u64).transpose()?,
+        issued_at: row.try_get(6)?,
+        expires_at: row.try_get(7)?,
+        max_expires_at: row.try_get(8)?,
+        renewable: row.try_get::<i64, _>(9)? == 1,
+        revoked_at: row.try_get(10)?,
+        revoke_reason: row.try_get(11)?,
+        native_lease_id: row.try_get(12)?,
+    })
+}
