@@ -543,3 +543,116 @@ impl Reply {
         self
     }
 }
+
+/// A running Kubernetes API emulator (`tests/support/kubernetes_emulator.py`, on kmock)
+/// that answers TokenReview for scripted service-account tokens.
+#[derive(Debug)]
+pub struct KubernetesEmulator {
+    pub url: String,
+    pub reviewer_token_file: PathBuf,
+    child: Child,
+    _directory: tempfile::TempDir,
+}
+
+/// The reviewer token the emulator expects from the broker.
+pub const REVIEWER_TOKEN: &str = "reviewer-token-for-tests";
+
+impl KubernetesEmulator {
+    /// Starts the emulator. `tokens` maps JWT text to (namespace, service account,
+    /// audiences).
+    pub fn start(tokens: &[(&str, &str, &str, &[&str])]) -> Self {
+        let directory = tempfile::tempdir().expect("a temporary directory");
+        let mut scripted = serde_json::Map::new();
+        for (jwt, namespace, name, audiences) in tokens {
+            scripted.insert(
+                (*jwt).to_owned(),
+                serde_json::json!({
+                    "username": format!("system:serviceaccount:{namespace}:{name}"),
+                    "uid": format!("uid-{namespace}-{name}"),
+                    "audiences": audiences,
+                }),
+            );
+        }
+        let tokens_file = directory.path().join("tokens.json");
+        std::fs::write(&tokens_file, Value::Object(scripted).to_string()).unwrap();
+        let reviewer_token_file = directory.path().join("reviewer-token");
+        std::fs::write(&reviewer_token_file, REVIEWER_TOKEN).unwrap();
+
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/kubernetes_emulator.py");
+        let port = free_port();
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(["--port", &port.to_string(), "--tokens"])
+            .arg(&tokens_file)
+            .args(["--reviewer-token", REVIEWER_TOKEN])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 runs the Kubernetes emulator (pip install kmock)");
+
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "the Kubernetes emulator did not start"
+        );
+        Self {
+            url: format!("http://127.0.0.1:{port}"),
+            reviewer_token_file,
+            child,
+            _directory: directory,
+        }
+    }
+
+    /// The broker configuration that points Kubernetes auth at this emulator.
+    pub fn auth_config(&self, roles: &str) -> String {
+        format!(
+            "[auth.kubernetes]\napi_url = \"{}\"\nreviewer_token_file = \"{}\"\n\n{roles}\n",
+            self.url,
+            self.reviewer_token_file.display()
+        )
+    }
+
+    /// The TokenReview requests the emulator received.
+    pub async fn reviews(&self) -> Value {
+        reqwest::get(format!("{}/_emulator/tokenreviews", self.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for KubernetesEmulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Broker {
+    /// `POST path` with a JSON body and `token` (no token when `None`).
+    pub async fn post_as(&self, token: Option<&str>, path: &str, body: Value) -> Reply {
+        let mut request = self.http.post(self.url(path)).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        Reply::from_response(request.send().await.expect("the broker answers")).await
+    }
+
+    /// `GET path` with `token`.
+    pub async fn get_as(&self, token: &str, path: &str) -> Reply {
+        let request = self.http.get(self.url(path)).bearer_auth(token);
+        Reply::from_response(request.send().await.expect("the broker answers")).await
+    }
+
+    /// `PUT path` with a JSON body and `token`.
+    pub async fn put_as(&self, token: &str, path: &str, body: Value) -> Reply {
+        let request = self.http.put(self.url(path)).bearer_auth(token).json(&body);
+        Reply::from_response(request.send().await.expect("the broker answers")).await
+    }
+}

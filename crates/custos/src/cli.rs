@@ -48,6 +48,151 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+
+    /// Create, inspect, renew and revoke tokens.
+    Token {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+
+    /// Manage AppRole roles and secret ids, and log in with them.
+    Approle {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: AppRoleCommand,
+    },
+
+    /// Inspect, renew and revoke leases (revoke-prefix and revoke-principal for incidents).
+    Lease {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
+
+    /// Write, read, list and delete policies.
+    Policy {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a child token of CUSTOS_TOKEN (its text is printed once).
+    Create {
+        /// A policy to attach; repeat for several.
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// Lifetime, such as 15m (default: the broker's auth.token_ttl).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Longest lifetime renewals may reach, such as 24h.
+        #[arg(long)]
+        max_ttl: Option<String>,
+        /// Number of requests the token may make (1 for a single-use bootstrap token).
+        #[arg(long)]
+        uses: Option<u64>,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// Metadata as KEY=VALUE; repeat for several.
+        #[arg(long = "metadata", value_name = "KEY=VALUE")]
+        metadata: Vec<String>,
+    },
+    /// Show a token by accessor (admin).
+    Lookup { accessor: String },
+    /// Show CUSTOS_TOKEN itself.
+    LookupSelf,
+    /// Extend a token by accessor (admin).
+    Renew {
+        accessor: String,
+        #[arg(long)]
+        increment: Option<String>,
+    },
+    /// Extend CUSTOS_TOKEN itself, up to its maximum lifetime.
+    RenewSelf {
+        #[arg(long)]
+        increment: Option<String>,
+    },
+    /// Revoke a token by accessor, the tokens it created and their leases (admin).
+    Revoke { accessor: String },
+    /// Revoke CUSTOS_TOKEN itself.
+    RevokeSelf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppRoleCommand {
+    /// Create or update a role (admin).
+    WriteRole {
+        name: String,
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// Lifetime of the tokens a login issues (default 15m).
+        #[arg(long)]
+        token_ttl: Option<String>,
+        #[arg(long)]
+        token_max_ttl: Option<String>,
+        /// Lifetime of a secret id (default 10m).
+        #[arg(long)]
+        secret_id_ttl: Option<String>,
+        /// Logins per secret id; 0 for unlimited (default 1: single use).
+        #[arg(long)]
+        secret_id_uses: Option<u64>,
+    },
+    /// Show a role and its role id (admin).
+    ReadRole { name: String },
+    /// Print a role's role id (admin).
+    RoleId { name: String },
+    /// Issue a secret id (admin). With --output, write it to a file with mode 0600 (for
+    /// a Docker secret) instead of printing it.
+    SecretId {
+        name: String,
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Log in with a role id and a secret id read from a file; prints the token.
+    Login {
+        #[arg(long)]
+        role_id: String,
+        /// File holding the secret id, such as /run/secrets/custos_secret_id.
+        #[arg(long)]
+        secret_id_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Show a lease's state.
+    Lookup { lease_id: String },
+    /// Extend a lease.
+    Renew {
+        lease_id: String,
+        #[arg(long)]
+        increment: Option<String>,
+    },
+    /// End a lease.
+    Revoke { lease_id: String },
+    /// End every lease on a path and below it (admin).
+    RevokePrefix { prefix: String },
+    /// End every lease one principal holds, such as kubernetes:payments/api (admin).
+    RevokePrincipal { principal: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create or replace a policy from a JSON file: {"rules": [{"path", "capabilities"}]}.
+    Write { name: String, file: PathBuf },
+    /// Show a policy.
+    Read { name: String },
+    /// List policy names.
+    List,
+    /// Delete a policy.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admin_commands;
 mod audit_commands;
 mod broker;
 mod cli;
@@ -51,6 +52,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command,
         } => return client::run(connection, command).await,
         Command::Audit { command } => return audit_commands::run(command).await,
+        Command::Token {
+            connection,
+            command,
+        } => return admin_commands::token(connection, command).await,
+        Command::Approle {
+            connection,
+            command,
+        } => return admin_commands::approle(connection, command).await,
+        Command::Lease {
+            connection,
+            command,
+        } => return admin_commands::lease(connection, command).await,
+        Command::Policy {
+            connection,
+            command,
+        } => return admin_commands::policy(connection, command).await,
     }
     Ok(ExitCode::SUCCESS)
 }
