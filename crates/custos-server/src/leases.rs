@@ -19,6 +19,7 @@ use custos_storage::tokens::TokenRepository;
 use custos_storage::{unix_micros_now, StorageError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::audit_trail::AuditDraft;
 use crate::error::ApiError;
@@ -91,18 +92,35 @@ pub struct LeaseManager {
     repository: LeaseRepository,
     tokens: TokenRepository,
     mounts: Arc<MountTable>,
+    writer: mpsc::Sender<PendingLease>,
 }
 
+/// A lease waiting for the batch that stores it.
+#[derive(Debug)]
+struct PendingLease {
+    row: LeaseRow,
+    stored: oneshot::Sender<Result<(), String>>,
+}
+
+/// Longest wait for a new lease to be stored before the read is refused.
+const LEASE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl LeaseManager {
+    /// Starts the lease writer, which stores new leases in batches: every read takes a
+    /// lease, and one durable commit per read would cap read throughput at the disk's
+    /// sync rate. Each read still waits until its own lease is durable.
     pub fn new(
         repository: LeaseRepository,
         tokens: TokenRepository,
         mounts: Arc<MountTable>,
     ) -> Self {
+        let (writer, pending) = mpsc::channel::<PendingLease>(8192);
+        tokio::spawn(write_leases(repository.clone(), pending));
         Self {
             repository,
             tokens,
             mounts,
+            writer,
         }
     }
 
@@ -150,8 +168,21 @@ impl LeaseManager {
             revoke_reason: None,
             native_lease_id: native.map(|native| native.id.clone()),
         };
-        self.repository.insert(&row).await?;
-        Ok(LeaseView::of(&row, now))
+        let view = LeaseView::of(&row, now);
+
+        let (stored, answer) = oneshot::channel();
+        let unavailable = |reason: &str| {
+            StorageError::Corrupt(format!("the lease could not be stored: {reason}"))
+        };
+        self.writer
+            .try_send(PendingLease { row, stored })
+            .map_err(|_| unavailable("too many leases are waiting"))?;
+        match tokio::time::timeout(LEASE_WRITE_TIMEOUT, answer).await {
+            Ok(Ok(Ok(()))) => Ok(view),
+            Ok(Ok(Err(reason))) => Err(unavailable(&reason)),
+            Ok(Err(_)) => Err(unavailable("the lease writer stopped")),
+            Err(_) => Err(unavailable("the database did not answer in time")),
+        }
     }
 
     /// Revokes the leases a selector takes, and their native leases.
@@ -202,6 +233,28 @@ impl LeaseManager {
 
     pub fn repository(&self) -> &LeaseRepository {
         &self.repository
+    }
+}
+
+/// Stores pending leases in batches until every sender is gone.
+async fn write_leases(repository: LeaseRepository, mut pending: mpsc::Receiver<PendingLease>) {
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match pending.try_recv() {
+                Ok(lease) => batch.push(lease),
+                Err(_) => break,
+            }
+        }
+
+        let rows: Vec<LeaseRow> = batch.iter().map(|lease| lease.row.clone()).collect();
+        let outcome = repository
+            .insert_batch(&rows)
+            .await
+            .map_err(|error| error.to_string());
+        for lease in batch {
+            let _ = lease.stored.send(outcome.clone());
+        }
     }
 }
 

@@ -46,9 +46,37 @@ pub struct LeaseRepository {
     pool: AnyPool,
 }
 
+/// Leases inserted by one statement: 13 parameters each, well under both engines' limits.
+const ROWS_PER_STATEMENT: usize = 256;
+
 impl LeaseRepository {
     pub fn new(pool: AnyPool) -> Self {
         Self { pool }
+    }
+
+    /// Inserts many leases at one commit (every read takes a lease; batching them is what
+    /// keeps a durable commit per read from capping throughput).
+    pub async fn insert_batch(&self, leases: &[LeaseRow]) -> Result<(), StorageError> {
+        let mut transaction = self.pool.begin().await?;
+        for chunk in leases.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = format!("INSERT INTO leases ({COLUMNS}) VALUES ");
+            let mut arguments = sqlx::any::AnyArguments::default();
+            for (index, lease) in chunk.iter().enumerate() {
+                if index > 0 {
+                    sql.push_str(", ");
+                }
+                let placeholders: Vec<String> = (1..=13)
+                    .map(|offset| format!("${}", index * 13 + offset))
+                    .collect();
+                sql.push_str(&format!("({})", placeholders.join(", ")));
+                bind_lease(&mut arguments, lease)?;
+            }
+            sqlx::query_with(&sql, arguments)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
     }
 
     pub async fn insert(&self, lease: &LeaseRow) -> Result<(), StorageError> {
@@ -190,6 +218,40 @@ impl LeaseRepository {
         transaction.commit().await?;
         Ok(leases)
     }
+}
+
+fn bind_lease(
+    arguments: &mut sqlx::any::AnyArguments<'_>,
+    lease: &LeaseRow,
+) -> Result<(), StorageError> {
+    use sqlx::Arguments;
+    let bind_error = |error: sqlx::error::BoxDynError| {
+        StorageError::Corrupt(format!("cannot bind a lease value: {error}"))
+    };
+    arguments.add(lease.lease_id.clone()).map_err(bind_error)?;
+    arguments
+        .add(lease.token_accessor.clone())
+        .map_err(bind_error)?;
+    arguments.add(lease.principal.clone()).map_err(bind_error)?;
+    arguments.add(lease.mount.clone()).map_err(bind_error)?;
+    arguments.add(lease.path.clone()).map_err(bind_error)?;
+    arguments
+        .add(lease.version.map(to_i64).transpose()?)
+        .map_err(bind_error)?;
+    arguments.add(lease.issued_at).map_err(bind_error)?;
+    arguments.add(lease.expires_at).map_err(bind_error)?;
+    arguments.add(lease.max_expires_at).map_err(bind_error)?;
+    arguments
+        .add(i64::from(lease.renewable))
+        .map_err(bind_error)?;
+    arguments.add(lease.revoked_at).map_err(bind_error)?;
+    arguments
+        .add(lease.revoke_reason.clone())
+        .map_err(bind_error)?;
+    arguments
+        .add(lease.native_lease_id.clone())
+        .map_err(bind_error)?;
+    Ok(())
 }
 
 fn lease_row(row: sqlx::any::AnyRow) -> Result<LeaseRow, StorageError> {
