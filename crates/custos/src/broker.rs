@@ -28,6 +28,7 @@ use custos_storage::local_secrets::LocalSecretRepository;
 use custos_storage::policies::PolicyRepository;
 use custos_storage::tokens::TokenRepository;
 use custos_storage::{Database, DatabaseUrl};
+use custos_vault::VaultBackend;
 
 use crate::cli::{DevArguments, InitArguments, LogArguments, RotateArguments, ServerArguments};
 use crate::config::{
@@ -100,6 +101,7 @@ pub async fn dev(arguments: DevArguments) -> anyhow::Result<()> {
             read_only: false,
             max_versions: custos_local::backend::DEFAULT_MAX_VERSIONS,
             lease: LeaseLimits::default(),
+            vault: None,
         }],
     };
     init_logging(&settings, &arguments.log);
@@ -207,17 +209,9 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
     let repository = LocalSecretRepository::new(database.pool().clone());
     let mut mounts = Vec::new();
     for mount in &settings.mounts {
-        let backend: Arc<dyn SecretBackend> = Arc::new(LocalBackend::new(
-            LocalBackendSettings {
-                mount: mount.path.to_string(),
-                max_versions: mount.max_versions,
-            },
-            repository.clone(),
-            keyring.clone(),
-        ));
         mounts.push(Mount {
             path: mount.path.clone(),
-            backend,
+            backend: open_backend(mount, &repository, &keyring).await,
             read_only: mount.read_only,
             lease: mount.lease,
         });
@@ -272,6 +266,43 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
 }
 
 /// The Kubernetes login settings, with an HTTP client that trusts the cluster's CA.
+/// The backend instance of one configured mount.
+async fn open_backend(
+    mount: &MountSettings,
+    repository: &LocalSecretRepository,
+    keyring: &Arc<KeyringHandle>,
+) -> Arc<dyn SecretBackend> {
+    let Some(vault) = &mount.vault else {
+        return Arc::new(LocalBackend::new(
+            LocalBackendSettings {
+                mount: mount.path.to_string(),
+                max_versions: mount.max_versions,
+            },
+            repository.clone(),
+            keyring.clone(),
+        ));
+    };
+
+    let backend = VaultBackend::new(vault.clone());
+    // Log in now so that a wrong address or credential shows at start. A Vault that is
+    // down only warns: it may come back, and the other mounts should serve meanwhile.
+    match backend.connect().await {
+        Ok(()) => tracing::info!(
+            mount = %mount.path,
+            address = %vault.connection.address,
+            vault_mount = %vault.vault_mount,
+            engine = vault.engine.as_str(),
+            "Vault mount ready"
+        ),
+        Err(error) => tracing::warn!(
+            mount = %mount.path,
+            %error,
+            "Vault is not usable yet; requests to this mount fail until it is"
+        ),
+    }
+    Arc::new(backend)
+}
+
 fn kubernetes_auth(settings: &KubernetesSettings) -> anyhow::Result<KubernetesAuth> {
     let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
     if let Some(ca_file) = &settings.ca_file {

@@ -19,6 +19,7 @@ use custos_server::identity::{PolicyDocument, RuleDocument};
 use custos_server::kubernetes::KubernetesRole;
 use custos_server::rate_limit::Limit;
 use custos_storage::DatabaseUrl;
+use custos_vault::{VaultAuth, VaultBackendSettings, VaultConnection, VaultEngine};
 use serde::Deserialize;
 
 /// The whole configuration file.
@@ -176,6 +177,36 @@ pub struct MountConfig {
     pub max_versions: Option<u64>,
     pub lease_ttl: Option<String>,
     pub lease_max_ttl: Option<String>,
+    pub vault: Option<VaultMountConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultMountConfig {
+    pub address: String,
+    pub namespace: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub skip_tls_verify: bool,
+    /// Where the engine is mounted in Vault.
+    pub mount: String,
+    /// `kv-v2` (default), `kv-v1` or `dynamic`.
+    pub engine: Option<String>,
+    pub timeout: Option<String>,
+    pub auth: VaultAuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultAuthConfig {
+    pub method: String,
+    pub token_file: Option<PathBuf>,
+    pub role_id_file: Option<PathBuf>,
+    pub secret_id_file: Option<PathBuf>,
+    pub role: Option<String>,
+    pub jwt_file: Option<PathBuf>,
+    /// Where the auth method is mounted in Vault (default: `approle` or `kubernetes`).
+    pub mount: Option<String>,
 }
 
 /// Default listen address of `custos server` and `custos dev`.
@@ -291,6 +322,8 @@ pub struct MountSettings {
     pub read_only: bool,
     pub max_versions: u64,
     pub lease: LeaseLimits,
+    /// Set for mounts served from Vault; `None` for the local store.
+    pub vault: Option<VaultBackendSettings>,
 }
 
 /// Environment variables that override configuration keys, `CUSTOS_<SECTION>_<KEY>`.
@@ -465,7 +498,7 @@ fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Set
     let audit = validate_audit(config.audit, base_directory)?;
     let auth = validate_auth(config.auth, base_directory)?;
     let policies = validate_policies(config.policies)?;
-    let mounts = validate_mounts(config.mounts)?;
+    let mounts = validate_mounts(config.mounts, base_directory)?;
     Ok(Settings {
         listen,
         max_request_bytes: usize::try_from(max_request_bytes)?,
@@ -694,7 +727,75 @@ fn validate_audit(
     })
 }
 
-fn validate_mounts(mounts: Vec<MountConfig>) -> anyhow::Result<Vec<MountSettings>> {
+fn validate_vault(
+    vault: VaultMountConfig,
+    key: &str,
+    base_directory: Option<&Path>,
+) -> anyhow::Result<VaultBackendSettings> {
+    let resolve = |path: PathBuf| match base_directory {
+        Some(base) if path.is_relative() => base.join(path),
+        _ => path,
+    };
+    let engine = match vault.engine.as_deref().unwrap_or("kv-v2") {
+        "kv-v2" => VaultEngine::KvVersion2,
+        "kv-v1" => VaultEngine::KvVersion1,
+        "dynamic" => VaultEngine::Dynamic,
+        other => bail!("`{key}.vault.engine` is `{other}`; use kv-v2, kv-v1 or dynamic"),
+    };
+    let timeout = duration_setting(
+        vault.timeout.as_ref(),
+        &format!("{key}.vault.timeout"),
+        custos_vault::backend::DEFAULT_TIMEOUT,
+    )?;
+    let auth = vault.auth;
+    let required = |value: Option<PathBuf>, name: &str| {
+        value
+            .map(resolve)
+            .with_context(|| format!("`{key}.vault.auth.{name}` is required for this method"))
+    };
+    let auth = match auth.method.as_str() {
+        "token" => VaultAuth::TokenFile(required(auth.token_file, "token_file")?),
+        "approle" => VaultAuth::AppRole {
+            mount: auth.mount.unwrap_or_else(|| "approle".to_owned()),
+            role_id_file: required(auth.role_id_file, "role_id_file")?,
+            secret_id_file: required(auth.secret_id_file, "secret_id_file")?,
+        },
+        "kubernetes" => VaultAuth::Kubernetes {
+            mount: auth.mount.unwrap_or_else(|| "kubernetes".to_owned()),
+            role: auth
+                .role
+                .with_context(|| format!("`{key}.vault.auth.role` is required for kubernetes"))?,
+            jwt_file: auth.jwt_file.map(resolve).unwrap_or_else(|| {
+                PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+            }),
+        },
+        other => bail!("`{key}.vault.auth.method` is `{other}`; use token, approle or kubernetes"),
+    };
+    if !(vault.address.starts_with("http://") || vault.address.starts_with("https://")) {
+        bail!("`{key}.vault.address` must start with https:// (or http:// for development)");
+    }
+    let vault_mount = vault.mount.trim_matches('/').to_owned();
+    if vault_mount.is_empty() {
+        bail!("`{key}.vault.mount` is empty; name the Vault mount, such as \"secret\"");
+    }
+    Ok(VaultBackendSettings {
+        connection: VaultConnection {
+            address: vault.address,
+            namespace: vault.namespace,
+            ca_file: vault.ca_file.map(resolve),
+            skip_tls_verify: vault.skip_tls_verify,
+            timeout,
+            auth,
+        },
+        vault_mount,
+        engine,
+    })
+}
+
+fn validate_mounts(
+    mounts: Vec<MountConfig>,
+    base_directory: Option<&Path>,
+) -> anyhow::Result<Vec<MountSettings>> {
     if mounts.is_empty() {
         bail!(
             "no `[[mounts]]` are configured; add one, such as \
@@ -713,12 +814,17 @@ fn validate_mounts(mounts: Vec<MountConfig>) -> anyhow::Result<Vec<MountSettings
         if validated.iter().any(|other| other.path == path) {
             bail!("`{key}.path` `{path}` is used by another mount; give each mount its own path");
         }
-        if mount.backend != "local" {
-            bail!(
-                "`{key}.backend` is `{}`; the backends available are: local",
-                mount.backend
-            );
-        }
+        let vault = match (mount.backend.as_str(), mount.vault) {
+            ("local", None) => None,
+            ("local", Some(_)) => bail!("`{key}.vault` is set but `{key}.backend` is local"),
+            ("vault", Some(vault)) => Some(validate_vault(vault, &key, base_directory)?),
+            ("vault", None) => {
+                bail!("`{key}` uses the vault backend; add a `[mounts.vault]` table")
+            }
+            (other, _) => {
+                bail!("`{key}.backend` is `{other}`; the backends available are: local, vault")
+            }
+        };
         let max_versions = mount
             .max_versions
             .unwrap_or(custos_local::backend::DEFAULT_MAX_VERSIONS);
@@ -744,6 +850,7 @@ fn validate_mounts(mounts: Vec<MountConfig>) -> anyhow::Result<Vec<MountSettings
             read_only: mount.read_only,
             max_versions,
             lease: LeaseLimits { ttl, max_ttl },
+            vault,
         });
     }
     Ok(validated)
@@ -845,6 +952,42 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_vault_examples_are_valid() {
+        let text = include_str!("../../../config/custos.toml");
+        let (before, rest) = text
+            .split_once("# --- vault examples ---\n")
+            .expect("the example configuration has the vault examples");
+        let (examples, _) = rest.split_once("# --- end of vault examples ---").unwrap();
+        let uncommented: String = examples
+            .lines()
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .unwrap_or(line.trim_start_matches('#'))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let settings = load(&format!("{before}\n{uncommented}\n"), &[]).unwrap();
+
+        let vault_mounts: Vec<&MountSettings> = settings
+            .mounts
+            .iter()
+            .filter(|mount| mount.vault.is_some())
+            .collect();
+        assert_eq!(vault_mounts.len(), 2);
+        let kv = vault_mounts[0].vault.as_ref().unwrap();
+        assert_eq!(kv.engine, VaultEngine::KvVersion2);
+        assert_eq!(kv.vault_mount, "secret");
+        assert!(matches!(kv.connection.auth, VaultAuth::AppRole { .. }));
+        let dynamic = vault_mounts[1].vault.as_ref().unwrap();
+        assert_eq!(dynamic.engine, VaultEngine::Dynamic);
+        assert!(matches!(
+            &dynamic.connection.auth,
+            VaultAuth::Kubernetes { jwt_file, .. }
+                if jwt_file.ends_with("serviceaccount/token")
+        ));
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let settings = load(
             MINIMAL,
@@ -884,8 +1027,43 @@ mod tests {
         let timeout = error_of(MINIMAL, &[("CUSTOS_SERVER_REQUEST_TIMEOUT", "10 parsecs")]);
         assert!(timeout.contains("`server.request_timeout`"), "{timeout}");
 
-        let backend = error_of(&MINIMAL.replace("\"local\"", "\"vault\""), &[]);
-        assert!(backend.contains("`mounts[0].backend`"), "{backend}");
+        let backend = error_of(&MINIMAL.replace("\"local\"", "\"consul\""), &[]);
+        assert!(
+            backend.contains("`mounts[0].backend`") && backend.contains("local, vault"),
+            "{backend}"
+        );
+
+        let vault_table = error_of(&MINIMAL.replace("\"local\"", "\"vault\""), &[]);
+        assert!(vault_table.contains("[mounts.vault]"), "{vault_table}");
+
+        let vault = |table: &str| {
+            let config = format!(
+                "{}\n[mounts.vault]\n{table}",
+                MINIMAL.replace("\"local\"", "\"vault\"")
+            );
+            error_of(&config, &[])
+        };
+        let engine = vault(
+            "address = \"http://127.0.0.1:8200\"\nmount = \"secret\"\nengine = \"kv3\"\n\
+             [mounts.vault.auth]\nmethod = \"token\"\ntoken_file = \"t\"\n",
+        );
+        assert!(
+            engine.contains("`mounts[0].vault.engine`") && engine.contains("dynamic"),
+            "{engine}"
+        );
+        let token_file = vault(
+            "address = \"http://127.0.0.1:8200\"\nmount = \"secret\"\n\
+             [mounts.vault.auth]\nmethod = \"token\"\n",
+        );
+        assert!(
+            token_file.contains("`mounts[0].vault.auth.token_file`"),
+            "{token_file}"
+        );
+        let address = vault(
+            "address = \"vault:8200\"\nmount = \"secret\"\n\
+             [mounts.vault.auth]\nmethod = \"token\"\ntoken_file = \"t\"\n",
+        );
+        assert!(address.contains("`mounts[0].vault.address`"), "{address}");
 
         let path = error_of(&MINIMAL.replace("\"secret\"", "\"a/../b\""), &[]);
         assert!(path.contains("`mounts[0].path`"), "{path}");
