@@ -704,6 +704,27 @@ async fn a_vault_that_does_not_answer_is_a_504_not_a_hang() {
         .as_str()
         .unwrap()
         .contains("did not answer in time"));
+
+    // Eight reads at once, once the last failure is stale: they queue behind one login
+    // attempt and share its failure, rather than each waiting out Vault's timeout in turn
+    // (which would push the last ones past the request timeout).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut reads = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let request = broker
+            .http()
+            .get(broker.url("/v1/secrets/vault/app/db"))
+            .bearer_auth(&broker.root_token);
+        reads.spawn(async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap();
+            (status, body["error"]["code"].as_str().unwrap().to_owned())
+        });
+    }
+    while let Some(answer) = reads.join_next().await {
+        assert_eq!(answer.unwrap(), (504, "backend_timeout".to_owned()));
+    }
     broker.finish().await;
     holder.abort();
 }

@@ -67,6 +67,8 @@ struct Session {
     /// When to renew: two thirds into the token's lifetime; `None` for a token that does
     /// not expire.
     renew_at: Option<Instant>,
+    /// When the token stops working, if it expires.
+    expires_at: Option<Instant>,
     /// The lifetime the token was last granted.
     lifetime: Option<Duration>,
     renewable: bool,
@@ -81,6 +83,8 @@ pub struct SessionManager {
     refresh: tokio::sync::Mutex<()>,
     /// Wakes the keeper when the session changes, so that it plans for the new lifetime.
     changed: tokio::sync::Notify,
+    /// The last failed refresh, shared with the callers that queued behind it.
+    last_failure: std::sync::Mutex<Option<(Instant, BackendError)>>,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -96,6 +100,9 @@ impl std::fmt::Debug for SessionManager {
 /// How long the keeper waits before trying again when there is no session (Vault down or
 /// a credential refused).
 const RETRY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a failed refresh answers for the callers that queued behind it.
+const FAILURE_HOLD: Duration = Duration::from_secs(1);
 
 /// How often the keeper looks at a token that never expires (its file may change).
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(60);
@@ -114,6 +121,7 @@ impl SessionManager {
             current: RwLock::new(None),
             refresh: tokio::sync::Mutex::new(()),
             changed: tokio::sync::Notify::new(),
+            last_failure: std::sync::Mutex::new(None),
         }
     }
 
@@ -128,17 +136,66 @@ impl SessionManager {
         }
 
         let _refreshing = self.refresh.lock().await;
-        // Another caller may have refreshed the session while this one waited.
+        // Another caller may have refreshed the session while this one waited, or failed
+        // to: callers that queued behind a failure share it instead of each waiting for
+        // Vault again.
         if let Some(session) = self.usable() {
             return Ok(session.client.clone());
         }
-        let session = Arc::new(self.refresh_session().await?);
+        if let Some(error) = self.recent_failure() {
+            return Err(error);
+        }
+
+        let previous = self.snapshot();
+        let session = match self.refresh_session().await {
+            Ok(session) => {
+                *self.failure_slot() = None;
+                Arc::new(session)
+            }
+            Err(error) => {
+                *self.failure_slot() = Some((Instant::now(), error.clone()));
+                // A token that still works keeps serving while Vault is unreachable; the
+                // refresh is tried again shortly.
+                let still_valid = previous.as_ref().filter(|previous| {
+                    previous
+                        .expires_at
+                        .is_none_or(|expires_at| Instant::now() < expires_at)
+                });
+                let Some(previous) = still_valid else {
+                    return Err(error);
+                };
+                tracing::warn!(%error, "cannot refresh the broker's Vault token; using it \
+                    until it expires");
+                Arc::new(Session {
+                    client: previous.client.clone(),
+                    renew_at: Some(Instant::now() + RETRY_INTERVAL),
+                    expires_at: previous.expires_at,
+                    lifetime: previous.lifetime,
+                    renewable: previous.renewable,
+                    token_file_modified: previous.token_file_modified,
+                })
+            }
+        };
         *self
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(session.clone());
         self.changed.notify_one();
         Ok(session.client.clone())
+    }
+
+    fn failure_slot(&self) -> std::sync::MutexGuard<'_, Option<(Instant, BackendError)>> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The error of a refresh that failed just now, if any.
+    fn recent_failure(&self) -> Option<BackendError> {
+        self.failure_slot()
+            .as_ref()
+            .filter(|(failed_at, _)| failed_at.elapsed() < FAILURE_HOLD)
+            .map(|(_, error)| error.clone())
     }
 
     /// Forgets the session whose client is `failed` (Vault no longer accepts its token),
@@ -329,6 +386,7 @@ impl SessionManager {
         Ok(Session {
             client: Arc::new(self.client_with_token(&token)?),
             renew_at: lifetime.map(|lifetime| started + lifetime * 2 / 3),
+            expires_at: lifetime.map(|lifetime| started + lifetime),
             lifetime,
             renewable,
             token_file_modified,
@@ -367,6 +425,7 @@ impl SessionManager {
         Ok(Some(Session {
             client: previous.client.clone(),
             renew_at: Some(started + granted * 2 / 3),
+            expires_at: Some(started + granted),
             lifetime: previous.lifetime.max(Some(granted)),
             renewable: auth.renewable,
             token_file_modified: previous.token_file_modified,
