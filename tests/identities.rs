@@ -452,6 +452,27 @@ async fn leases_survive_a_restart_and_expire_on_time(kind: DatabaseKind) {
         )
         .await
         .expect_error(409, "lease_not_active");
+
+    // The sweeper records the end in the store (it is what revokes a backend's own lease
+    // when a lease expires), within a few sweep intervals.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut connection = broker.database_connection().await;
+        let reason: Option<String> =
+            sqlx::query_scalar("SELECT revoke_reason FROM leases WHERE lease_id = $1")
+                .bind(&lease_id)
+                .fetch_one(&mut connection)
+                .await
+                .unwrap();
+        if reason.as_deref() == Some("expired") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper never ended the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     broker.finish().await;
 }
 
@@ -643,10 +664,43 @@ async fn policies_written_through_the_api_take_effect(kind: DatabaseKind) {
         .put_as(&token, "/v1/policies/mine", json!({"rules": []}))
         .await
         .expect_error(403, "forbidden");
+    // Searching the audit log takes the `audit` capability on `sys/audit`, nothing else.
+    broker
+        .get_as(&token, "/v1/audit?limit=5")
+        .await
+        .expect_error(403, "forbidden");
+    let auditor_policy = json!({"rules": [{"path": "sys/audit", "capabilities": ["audit"]}]});
+    broker
+        .put_as(&root, "/v1/policies/auditor", auditor_policy)
+        .await
+        .expect(204);
+    let auditor = broker
+        .post_as(
+            Some(&root),
+            "/v1/auth/token/create",
+            json!({"policies": ["auditor"], "display_name": "security"}),
+        )
+        .await;
+    let auditor = token_of(auditor.expect(200));
+    let search = broker
+        .get_as(&auditor, "/v1/audit?path=secret/reports&outcome=denied")
+        .await;
+    let records = search.expect(200).body["records"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["record"]["path"], "secret/reports/q1");
+    assert_eq!(records[0]["record"]["principal"], "approle:reports");
+    broker
+        .get_as(&auditor, "/v1/secrets/secret/reports/q1")
+        .await
+        .expect_error(403, "forbidden");
+
     let listed = broker.get_as(&root, "/v1/policies").await;
     assert_eq!(
         listed.expect(200).body["policies"],
-        json!(["app-read", "payments-read", "reports-read"])
+        json!(["app-read", "auditor", "payments-read", "reports-read"])
     );
     broker.finish().await;
 }

@@ -159,6 +159,28 @@ async fn oversized_bodies_get_413_and_store_nothing(kind: DatabaseKind) {
         .await
         .expect_error(404, "secret_not_found");
     assert_eq!(broker.list("secret").await.body["keys"], json!(["fits"]));
+
+    // The limit holds for every JSON body, the unauthenticated logins included, and the
+    // refusal is audited like any other.
+    let login = broker
+        .post_as(
+            None,
+            "/v1/auth/approle/login",
+            json!({"role_id": big, "secret_id": "x"}),
+        )
+        .await;
+    login.expect_error(413, "payload_too_large");
+    let records = broker.audit_records_of(&login.request_id()).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].record["status"], 413);
+    broker
+        .put_as(
+            &broker.root_token,
+            "/v1/policies/big",
+            json!({"rules": [{"path": big, "capabilities": ["read"]}]}),
+        )
+        .await
+        .expect_error(413, "payload_too_large");
     broker.finish().await;
 }
 

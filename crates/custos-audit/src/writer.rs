@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use custos_storage::audit::{AuditRepository, AuditRow};
+use custos_storage::leases::LeaseRow;
 use custos_storage::StorageError;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +25,7 @@ use crate::key::AuditKey;
 use crate::record::AuditRecord;
 use crate::sink::{self, JsonLinesSink};
 
-/// Longest time the head file may lag behind the newest commit while records keep coming.
+/// Longest time the head file may lag behind the newest commit.
 const HEAD_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The MAC the first record chains to.
@@ -82,6 +83,8 @@ struct Submission {
     record: AuditRecord,
     record_json: String,
     recorded_at: i64,
+    /// Leases of the read this record describes, stored in the same commit.
+    leases: Vec<LeaseRow>,
     reply: oneshot::Sender<Result<u64, AuditError>>,
 }
 
@@ -157,15 +160,32 @@ impl AuditLog {
         self.sender().is_some()
     }
 
-    /// Queues `record` and waits until it is durable. `Ok` also when the record was lost
-    /// in fail-open mode (after logging it), or when auditing is disabled.
-    pub async fn record(&self, record: AuditRecord) -> Result<(), AuditError> {
+    /// Whether leases can be stored with the records of their reads: only when every
+    /// request waits for its record to be durable (enabled and fail-closed), since a lease
+    /// must never be lost along with a record that fail-open mode gave up on.
+    pub fn stores_leases(&self) -> bool {
+        self.is_enabled() && self.settings.fail_mode == FailMode::Closed
+    }
+
+    /// Queues `record`, with the `leases` of the read it describes, and waits until both
+    /// are durable. `Ok` also when the record was lost in fail-open mode (after logging
+    /// it), or when auditing is disabled; leases must then be stored elsewhere (see
+    /// [`AuditLog::stores_leases`]), and passing any is refused.
+    pub async fn record(
+        &self,
+        record: AuditRecord,
+        leases: Vec<LeaseRow>,
+    ) -> Result<(), AuditError> {
+        if !leases.is_empty() && !self.stores_leases() {
+            tracing::error!("leases handed to an audit log that does not store them");
+            return Err(AuditError::Store);
+        }
         let Some(sender) = self.sender() else {
             return Ok(());
         };
         let request_id = record.request_id.clone();
 
-        let outcome = self.submit(&sender, record).await;
+        let outcome = self.submit(&sender, record, leases).await;
         match (outcome, self.settings.fail_mode) {
             (Ok(_), _) => Ok(()),
             (Err(error), FailMode::Open) => {
@@ -183,12 +203,14 @@ impl AuditLog {
         &self,
         sender: &mpsc::Sender<Submission>,
         record: AuditRecord,
+        leases: Vec<LeaseRow>,
     ) -> Result<u64, AuditError> {
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
             record_json: record.canonical_json(),
             recorded_at: unix_micros(&record.time),
             record,
+            leases,
             reply,
         };
         sender.try_send(submission).map_err(|error| match error {
@@ -280,10 +302,11 @@ impl ChainState {
     }
 }
 
-// FIXME: on SQLite an audited read costs about a third of the throughput of an unaudited
-// one (benches/audit_throughput.rs), against a target of 15%. Profiles show kernel
-// context switches around the sqlx SQLite driver's per-statement worker-thread handoffs,
-// not the record work itself; a dedicated blocking writer connection is the next step.
+// FIXME: on SQLite an audited read still costs about a fifth of the throughput of an
+// unaudited one (benches/audit_throughput.rs: 4837 against 5994 reads/s), against a target
+// of 15%. The record work itself is under 2% of CPU; the cost is the rows and their three
+// search indexes written through sqlx's SQLite worker thread, whose per-statement thread
+// handoffs dominate the profile. A dedicated blocking writer connection is the next step.
 struct Writer {
     repository: AuditRepository,
     key: Arc<AuditKey>,
@@ -297,7 +320,31 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut receiver: mpsc::Receiver<Submission>) {
         let mut head_written_at = Instant::now();
-        while let Some(first) = receiver.recv().await {
+        let mut head_behind = false;
+        loop {
+            // The head is rewritten at most every HEAD_INTERVAL, and once the writer has
+            // been idle for the rest of that interval, rather than after every batch: a
+            // rename per batch would cost more than the batch. It is written from the
+            // writer's own state, so rows deleted from the database in between are still
+            // caught by the next write.
+            let next = if head_behind {
+                let rest = HEAD_INTERVAL.saturating_sub(head_written_at.elapsed());
+                match tokio::time::timeout(rest, receiver.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        self.write_head();
+                        head_written_at = Instant::now();
+                        head_behind = false;
+                        continue;
+                    }
+                }
+            } else {
+                receiver.recv().await
+            };
+            let Some(first) = next else {
+                break;
+            };
+
             let mut batch = vec![first];
             while batch.len() < self.max_batch {
                 match receiver.try_recv() {
@@ -310,15 +357,12 @@ impl Writer {
             batch.retain(|submission| !submission.reply.is_closed());
             if !batch.is_empty() {
                 self.commit(batch).await;
+                head_behind = true;
             }
-
-            // The head is rewritten when the writer falls idle, and at least every
-            // HEAD_INTERVAL under sustained load, rather than after every batch: it is
-            // written from the writer's own state, so rows deleted from the database in
-            // between are still caught by the next write.
-            if receiver.is_empty() || head_written_at.elapsed() >= HEAD_INTERVAL {
+            if head_behind && head_written_at.elapsed() >= HEAD_INTERVAL {
                 self.write_head();
                 head_written_at = Instant::now();
+                head_behind = false;
             }
         }
         self.write_head();
@@ -349,7 +393,14 @@ impl Writer {
             rows.push(row_of(submission, &chain));
         }
 
-        let stored = tokio::time::timeout(self.write_timeout, self.repository.insert_batch(&rows));
+        let leases: Vec<LeaseRow> = batch
+            .iter()
+            .flat_map(|submission| submission.leases.iter().cloned())
+            .collect();
+        let stored = tokio::time::timeout(
+            self.write_timeout,
+            self.repository.insert_batch(&rows, &leases),
+        );
         match stored.await {
             Ok(Ok(())) => {
                 self.chain = chain;

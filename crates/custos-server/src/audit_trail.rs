@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use axum::http::Method;
 use custos_audit::{AuditRecord, Outcome};
 use custos_core::{MountTable, SecretPath};
+use custos_storage::leases::LeaseRow;
 
 /// Longest raw path kept for a request whose path was refused.
 const MAX_REQUESTED_PATH: usize = 512;
@@ -31,6 +32,9 @@ pub struct DraftFields {
     pub requested_path: Option<String>,
     pub version: Option<u64>,
     pub backend: Option<String>,
+    /// Leases lent by this request, stored in the same commit as its record (when the
+    /// audit log stores leases; see `LeaseManager::issue`).
+    pub pending_leases: Vec<LeaseRow>,
 }
 
 /// A request's audit draft, shared by the middleware and the handlers.
@@ -85,6 +89,15 @@ impl AuditDraft {
     }
 
     /// The finished record; `hash` turns the token accessor into its keyed hash.
+    /// Takes the leases waiting to be stored with this request's record.
+    pub fn take_leases(&self) -> Vec<LeaseRow> {
+        let mut fields = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        std::mem::take(&mut fields.pending_leases)
+    }
+
     pub fn finish(&self, finished: Finished, hash: impl Fn(&str) -> String) -> AuditRecord {
         let fields = self
             .0

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use custos_core::policy::Capability;
 use custos_core::{BackendError, MountTable, NativeLease, SecretPath};
+use custos_storage::approle::AppRoleRepository;
 use custos_storage::leases::{LeaseRepository, LeaseRow, LeaseSelector};
 use custos_storage::tokens::TokenRepository;
 use custos_storage::{unix_micros_now, StorageError};
@@ -93,6 +94,9 @@ pub struct LeaseManager {
     tokens: TokenRepository,
     mounts: Arc<MountTable>,
     writer: mpsc::Sender<PendingLease>,
+    /// New leases go into the commit of their read's audit record instead of the lease
+    /// writer's (fail-closed audit only).
+    stored_with_audit: bool,
 }
 
 /// A lease waiting for the batch that stores it.
@@ -106,13 +110,15 @@ struct PendingLease {
 const LEASE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl LeaseManager {
-    /// Starts the lease writer, which stores new leases in batches: every read takes a
-    /// lease, and one durable commit per read would cap read throughput at the disk's
-    /// sync rate. Each read still waits until its own lease is durable.
+    /// `stored_with_audit`: whether the audit log stores each read's lease with its
+    /// record (`AuditLog::stores_leases`). Otherwise a lease writer stores new leases in
+    /// batches: every read takes a lease, and one durable commit per read would cap read
+    /// throughput at the disk's sync rate.
     pub fn new(
         repository: LeaseRepository,
         tokens: TokenRepository,
         mounts: Arc<MountTable>,
+        stored_with_audit: bool,
     ) -> Self {
         let (writer, pending) = mpsc::channel::<PendingLease>(8192);
         tokio::spawn(write_leases(repository.clone(), pending));
@@ -121,10 +127,15 @@ impl LeaseManager {
             tokens,
             mounts,
             writer,
+            stored_with_audit,
         }
     }
 
-    /// Lends a secret read from `mount_path` to `principal`.
+    /// Lends a secret read from `mount_path` to `principal`. The lease becomes durable
+    /// with the request's audit record when the audit log stores leases (the response
+    /// waits for that record anyway, so the read costs one commit, and the lease exists
+    /// exactly when the record of its read does); otherwise this waits for the lease
+    /// writer.
     pub async fn issue(
         &self,
         principal: &Principal,
@@ -132,6 +143,7 @@ impl LeaseManager {
         path: &SecretPath,
         version: u64,
         native: Option<&NativeLease>,
+        draft: &AuditDraft,
     ) -> Result<LeaseView, StorageError> {
         let limits = self
             .mounts
@@ -169,6 +181,10 @@ impl LeaseManager {
             native_lease_id: native.map(|native| native.id.clone()),
         };
         let view = LeaseView::of(&row, now);
+        if self.stored_with_audit {
+            draft.update(|fields| fields.pending_leases.push(row));
+            return Ok(view);
+        }
 
         let (stored, answer) = oneshot::channel();
         let unavailable = |reason: &str| {
@@ -201,7 +217,8 @@ impl LeaseManager {
         Ok(revoked)
     }
 
-    async fn revoke_native(&self, lease: &LeaseRow) {
+    /// Revokes the backend's own lease behind `lease`, if it has one; failures are logged.
+    pub async fn revoke_native(&self, lease: &LeaseRow) {
         let Some(native_id) = &lease.native_lease_id else {
             return;
         };
@@ -258,8 +275,13 @@ async fn write_leases(repository: LeaseRepository, mut pending: mpsc::Receiver<P
     }
 }
 
-/// Runs the sweeper every `interval` until the process ends.
-pub fn spawn_sweeper(manager: LeaseManager, interval: Duration) -> tokio::task::JoinHandle<()> {
+/// Runs the sweeper every `interval` until the process ends: it expires due leases and
+/// tokens, and deletes AppRole secret ids past their expiry.
+pub fn spawn_sweeper(
+    manager: LeaseManager,
+    approles: AppRoleRepository,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         loop {
@@ -270,6 +292,11 @@ pub fn spawn_sweeper(manager: LeaseManager, interval: Duration) -> tokio::task::
                     tracing::info!(leases, tokens, "expired leases and tokens swept");
                 }
                 Err(error) => tracing::warn!(%error, "lease sweep failed; will retry"),
+            }
+            match approles.delete_expired_secret_ids(unix_micros_now()).await {
+                Ok(0) => {}
+                Ok(secret_ids) => tracing::info!(secret_ids, "expired AppRole secret ids swept"),
+                Err(error) => tracing::warn!(%error, "secret id sweep failed; will retry"),
             }
         }
     })

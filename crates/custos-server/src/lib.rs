@@ -161,6 +161,11 @@ pub fn router(state: AppState) -> Router {
         .merge(authenticated)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Every JSON body is held to the configured limit, the unauthenticated logins
+        // included; secret writes read their body with the same limit themselves.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.settings.max_request_bytes,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::observe,

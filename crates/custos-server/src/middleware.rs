@@ -98,7 +98,33 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             },
             |accessor| state.audit.key().hash(accessor),
         );
-        if let Err(error) = state.audit.record(record).instrument(span.clone()).await {
+        // Leases are stored only with a successful read: a read that ended otherwise
+        // (a timeout, say) delivered no secret.
+        let leases = draft.take_leases();
+        let (leases, undelivered) = if response.status().is_success() {
+            (leases, Vec::new())
+        } else {
+            (Vec::new(), leases)
+        };
+        let audited = state
+            .audit
+            .record(record, leases.clone())
+            .instrument(span.clone())
+            .await;
+        let undelivered = if audited.is_err() {
+            leases
+        } else {
+            undelivered
+        };
+        for lease in &undelivered {
+            // A credential the client never receives must not stay alive in its backend.
+            state
+                .leases
+                .revoke_native(lease)
+                .instrument(span.clone())
+                .await;
+        }
+        if let Err(error) = audited {
             // Fail closed: whatever was about to be sent, secret included, is dropped.
             response = ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,

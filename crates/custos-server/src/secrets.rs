@@ -77,6 +77,7 @@ pub async fn read(
             &path,
             version.metadata.version,
             version.native_lease.as_ref(),
+            &draft,
         )
         .await;
     let lease = match issued {
@@ -310,6 +311,13 @@ fn body_error(error: serde_json::Error) -> ApiError {
 /// A JSON body rejection, without quoting the body.
 pub fn json_error(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
     use axum::extract::rejection::JsonRejection;
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than the broker's limit (`server.max_request_bytes`)",
+        );
+    }
     match rejection {
         JsonRejection::JsonDataError(_) => ApiError::bad_request(
             "invalid_request",

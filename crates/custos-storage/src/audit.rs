@@ -8,6 +8,7 @@ use sqlx::{AnyPool, Arguments, Row};
 
 use crate::database::{to_i64, to_u64, Database, DatabaseKind};
 use crate::error::StorageError;
+use crate::leases::LeaseRow;
 
 /// One stored audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,8 +87,19 @@ impl AuditRepository {
     /// saving two round trips per batch. PostgreSQL always gets an explicit transaction: a
     /// caller that gives up waiting (a lock held elsewhere) never sends COMMIT, whereas a
     /// lone statement queued behind the lock would still commit once the lock is released.
-    pub async fn insert_batch(&self, rows: &[AuditRow]) -> Result<(), StorageError> {
-        if self.kind == DatabaseKind::Sqlite && rows.len() <= ROWS_PER_STATEMENT {
+    /// Stores records, and the leases of the reads they record, in one commit: a read's
+    /// lease exists exactly when its record does.
+    pub async fn insert_batch(
+        &self,
+        rows: &[AuditRow],
+        leases: &[LeaseRow],
+    ) -> Result<(), StorageError> {
+        // One self-committing statement is one round trip to SQLite's worker thread
+        // instead of three.
+        if self.kind == DatabaseKind::Sqlite
+            && rows.len() <= ROWS_PER_STATEMENT
+            && leases.is_empty()
+        {
             let (sql, arguments) = insert_statement(rows)?;
             sqlx::query_with(&sql, arguments)
                 .execute(&self.pool)
@@ -102,6 +114,7 @@ impl AuditRepository {
                 .execute(&mut *transaction)
                 .await?;
         }
+        crate::leases::insert_rows(&mut transaction, leases).await?;
         transaction.commit().await?;
         Ok(())
     }

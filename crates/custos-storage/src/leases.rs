@@ -58,23 +58,7 @@ impl LeaseRepository {
     /// keeps a durable commit per read from capping throughput).
     pub async fn insert_batch(&self, leases: &[LeaseRow]) -> Result<(), StorageError> {
         let mut transaction = self.pool.begin().await?;
-        for chunk in leases.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = format!("INSERT INTO leases ({COLUMNS}) VALUES ");
-            let mut arguments = sqlx::any::AnyArguments::default();
-            for (index, lease) in chunk.iter().enumerate() {
-                if index > 0 {
-                    sql.push_str(", ");
-                }
-                let placeholders: Vec<String> = (1..=13)
-                    .map(|offset| format!("${}", index * 13 + offset))
-                    .collect();
-                sql.push_str(&format!("({})", placeholders.join(", ")));
-                bind_lease(&mut arguments, lease)?;
-            }
-            sqlx::query_with(&sql, arguments)
-                .execute(&mut *transaction)
-                .await?;
-        }
+        insert_rows(&mut transaction, leases).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -218,6 +202,32 @@ impl LeaseRepository {
         transaction.commit().await?;
         Ok(leases)
     }
+}
+
+/// Inserts `leases` inside a transaction the caller commits (the audit writer stores a
+/// read's lease in the same commit as the read's audit record).
+pub(crate) async fn insert_rows(
+    connection: &mut sqlx::AnyConnection,
+    leases: &[LeaseRow],
+) -> Result<(), StorageError> {
+    for chunk in leases.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = format!("INSERT INTO leases ({COLUMNS}) VALUES ");
+        let mut arguments = sqlx::any::AnyArguments::default();
+        for (index, lease) in chunk.iter().enumerate() {
+            if index > 0 {
+                sql.push_str(", ");
+            }
+            let placeholders: Vec<String> = (1..=13)
+                .map(|offset| format!("${}", index * 13 + offset))
+                .collect();
+            sql.push_str(&format!("({})", placeholders.join(", ")));
+            bind_lease(&mut arguments, lease)?;
+        }
+        sqlx::query_with(&sql, arguments)
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(())
 }
 
 fn bind_lease(

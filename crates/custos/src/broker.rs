@@ -230,6 +230,7 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
         LeaseRepository::new(database.pool().clone()),
         tokens.clone(),
         mounts.clone(),
+        audit.stores_leases(),
     );
     let state = AppState {
         mounts,
@@ -407,7 +408,7 @@ async fn run(
         .map(|mount| mount.path.to_string())
         .collect();
     let audit = state.audit.clone();
-    let sweeper = spawn_sweeper(state.leases.clone(), sweep_interval);
+    let sweeper = spawn_sweeper(state.leases.clone(), state.approles.clone(), sweep_interval);
     let router = custos_server::router(state);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

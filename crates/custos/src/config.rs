@@ -366,7 +366,7 @@ impl Settings {
         let mut config: Config =
             toml::from_str(text).map_err(|error| anyhow::anyhow!(toml_error(&error, text)))?;
         apply_environment(&mut config, environment)?;
-        validate(config, base_directory)
+        validate(config, base_directory, environment)
     }
 }
 
@@ -436,7 +436,11 @@ fn apply_environment(config: &mut Config, environment: &[(String, String)]) -> a
     Ok(())
 }
 
-fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Settings> {
+fn validate(
+    config: Config,
+    base_directory: Option<&Path>,
+    environment: &[(String, String)],
+) -> anyhow::Result<Settings> {
     let listen: SocketAddr = config.server.listen.parse().with_context(|| {
         format!(
             "`server.listen` is `{}`; use IP:PORT, such as {DEFAULT_LISTEN}",
@@ -496,7 +500,7 @@ fn validate(config: Config, base_directory: Option<&Path>) -> anyhow::Result<Set
     })?;
 
     let audit = validate_audit(config.audit, base_directory)?;
-    let auth = validate_auth(config.auth, base_directory)?;
+    let auth = validate_auth(config.auth, base_directory, environment)?;
     let policies = validate_policies(config.policies)?;
     let mounts = validate_mounts(config.mounts, base_directory)?;
     Ok(Settings {
@@ -531,6 +535,7 @@ fn duration_setting(
 fn validate_auth(
     auth: AuthConfig,
     base_directory: Option<&Path>,
+    environment: &[(String, String)],
 ) -> anyhow::Result<AuthSettingsConfig> {
     let defaults = AuthSettingsConfig::default();
     let window = duration_setting(
@@ -546,9 +551,12 @@ fn validate_auth(
     let kubernetes = match auth.kubernetes {
         None => None,
         Some(kubernetes) => {
+            // Without an API server address the broker is taken to run in a pod, and
+            // uses the pod's own API server, CA bundle and service-account token.
+            let in_cluster = kubernetes.api_url.is_none();
             let api_url = match kubernetes.api_url {
                 Some(url) => url,
-                None => in_cluster_api_url().context(
+                None => in_cluster_api_url(environment).context(
                     "`auth.kubernetes.api_url` is not set and the broker does not run in a \
                      pod (KUBERNETES_SERVICE_HOST is unset); set it",
                 )?,
@@ -582,10 +590,18 @@ fn validate_auth(
                     token_max_ttl,
                 });
             }
+            let pod_file =
+                |name: &str| in_cluster.then(|| Path::new(SERVICE_ACCOUNT_DIRECTORY).join(name));
             Some(KubernetesSettings {
                 api_url,
-                ca_file: kubernetes.ca_file.map(resolve),
-                reviewer_token_file: kubernetes.reviewer_token_file.map(resolve),
+                ca_file: kubernetes
+                    .ca_file
+                    .map(resolve)
+                    .or_else(|| pod_file("ca.crt")),
+                reviewer_token_file: kubernetes
+                    .reviewer_token_file
+                    .map(resolve)
+                    .or_else(|| pod_file("token")),
                 roles,
             })
         }
@@ -625,10 +641,25 @@ fn validate_auth(
     })
 }
 
+/// Where Kubernetes mounts a pod's service-account token and the API server's CA bundle.
+const SERVICE_ACCOUNT_DIRECTORY: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 /// The API server address a pod sees, from the variables Kubernetes sets in every pod.
-fn in_cluster_api_url() -> Option<String> {
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
-    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".to_owned());
+fn in_cluster_api_url(environment: &[(String, String)]) -> Option<String> {
+    let variable = |wanted: &str| {
+        environment
+            .iter()
+            .find(|(name, _)| name == wanted)
+            .map(|(_, value)| value.clone())
+    };
+    let host = variable("KUBERNETES_SERVICE_HOST")?;
+    let port = variable("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".to_owned());
+    // An IPv6 service address needs brackets in a URL.
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
     Some(format!("https://{host}:{port}"))
 }
 
@@ -765,9 +796,10 @@ fn validate_vault(
             role: auth
                 .role
                 .with_context(|| format!("`{key}.vault.auth.role` is required for kubernetes"))?,
-            jwt_file: auth.jwt_file.map(resolve).unwrap_or_else(|| {
-                PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
-            }),
+            jwt_file: auth
+                .jwt_file
+                .map(resolve)
+                .unwrap_or_else(|| Path::new(SERVICE_ACCOUNT_DIRECTORY).join("token")),
         },
         other => bail!("`{key}.vault.auth.method` is `{other}`; use token, approle or kubernetes"),
     };
@@ -949,6 +981,37 @@ mod tests {
     fn the_example_configuration_is_valid() {
         let text = include_str!("../../../config/custos.toml");
         load(text, &[]).unwrap();
+    }
+
+    #[test]
+    fn kubernetes_login_in_a_pod_uses_the_pods_api_server_ca_and_token() {
+        let text = format!("{MINIMAL}\n[auth.kubernetes]\n");
+        let outside = error_of(&text, &[]);
+        assert!(outside.contains("`auth.kubernetes.api_url`"), "{outside}");
+
+        let settings = load(
+            &text,
+            &[
+                ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+                ("KUBERNETES_SERVICE_PORT", "443"),
+            ],
+        )
+        .unwrap();
+        let kubernetes = settings.auth.kubernetes.unwrap();
+        assert_eq!(kubernetes.api_url, "https://10.96.0.1:443");
+        let pod = Path::new(SERVICE_ACCOUNT_DIRECTORY);
+        assert_eq!(kubernetes.ca_file, Some(pod.join("ca.crt")));
+        assert_eq!(kubernetes.reviewer_token_file, Some(pod.join("token")));
+
+        // An explicit API server keeps exactly the files configured for it.
+        let explicit = load(
+            &format!("{text}api_url = \"https://kube.internal:6443\"\n"),
+            &[],
+        )
+        .unwrap();
+        let kubernetes = explicit.auth.kubernetes.unwrap();
+        assert_eq!(kubernetes.ca_file, None);
+        assert_eq!(kubernetes.reviewer_token_file, None);
     }
 
     #[test]
