@@ -377,6 +377,67 @@ async fn the_broker_logs_in_with_approle_and_once_for_many_requests_after_a_revo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounts_on_one_vault_identity_share_one_login_even_with_a_single_use_secret_id() {
+    let bao = prepared_openbao().await;
+    bao.api(
+        Method::POST,
+        "sys/auth/approle",
+        Some(json!({"type": "approle"})),
+    )
+    .await;
+    bao.api(
+        Method::POST,
+        "auth/approle/role/custos",
+        Some(json!({"token_policies": ["custos"], "token_ttl": "1h"})),
+    )
+    .await;
+    let role_id = bao
+        .api(Method::GET, "auth/approle/role/custos/role-id", None)
+        .await["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let secret_id = bao
+        .api(
+            Method::POST,
+            "auth/approle/role/custos/secret-id",
+            Some(json!({"num_uses": 1})),
+        )
+        .await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let directory = tempfile::tempdir().unwrap();
+    let role_id_file = directory.path().join("role-id");
+    let secret_id_file = directory.path().join("secret-id");
+    std::fs::write(&role_id_file, role_id).unwrap();
+    std::fs::write(&secret_id_file, &secret_id).unwrap();
+    let auth = format!(
+        "method = \"approle\"\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"",
+        role_id_file.display(),
+        secret_id_file.display()
+    );
+
+    // Two mounts, KV v2 and KV v1, one Vault identity: the one use of the secret id
+    // serves both.
+    let broker = broker_with_vault(&bao, &auth, "").await;
+    broker
+        .write("vault/app/db", json!({"password": "kv2"}))
+        .await
+        .expect(200);
+    broker
+        .write("legacy/app/db", json!({"password": "kv1"}))
+        .await
+        .expect(200);
+    assert_eq!(
+        broker.read("legacy/app/db").await.expect(200).body["data"]["password"],
+        "kv1"
+    );
+    assert_eq!(occurrences(&broker.log(), "logged in to Vault"), 1);
+    broker.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_logs_in_to_vault_with_its_kubernetes_service_account() {
     let jwt = service_account_jwt("custos", "broker");
     let emulator = KubernetesEmulator::start(&[(jwt.as_str(), "custos", "broker", &[])]);
@@ -587,6 +648,11 @@ async fn dynamic_database_credentials_work_renew_and_stop_working_when_revoked()
         )
         .await
         .expect_error(409, "lease_not_active");
+    let ended = broker
+        .get_as(&broker.root_token, &format!("/v1/leases/{orphan_lease}"))
+        .await;
+    assert_eq!(ended.expect(200).body["state"], "revoked");
+    assert_eq!(ended.body["revoke_reason"], "backend lease ended");
 
     // No credential reached the broker's log or its audit records.
     let log = broker.log();
@@ -724,6 +790,40 @@ async fn a_vault_that_does_not_answer_is_a_504_not_a_hang() {
     }
     while let Some(answer) = reads.join_next().await {
         assert_eq!(answer.unwrap(), (504, "backend_timeout".to_owned()));
+    }
+
+    // A client that hangs up while its request waits on Vault does not erase the request:
+    // it is still handled to the end, and audited.
+    let before = broker.audit_records().await.len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut impatient = tokio::net::TcpStream::connect(&broker.address)
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /v1/secrets/vault/app/impatient HTTP/1.1\r\nHost: {}\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        broker.address, broker.root_token
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut impatient, request.as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(impatient);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = broker.audit_records().await;
+        if let Some(entry) = records[before..]
+            .iter()
+            .find(|entry| entry.record["path"] == "vault/app/impatient")
+        {
+            assert_eq!(entry.record["status"], 504);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned request left no record"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     broker.finish().await;
     holder.abort();

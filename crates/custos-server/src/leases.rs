@@ -93,10 +93,9 @@ pub struct LeaseManager {
     repository: LeaseRepository,
     tokens: TokenRepository,
     mounts: Arc<MountTable>,
-    writer: mpsc::Sender<PendingLease>,
-    /// New leases go into the commit of their read's audit record instead of the lease
-    /// writer's (fail-closed audit only).
-    stored_with_audit: bool,
+    /// The lease writer; `None` when new leases go into the commit of their read's audit
+    /// record instead (fail-closed audit).
+    writer: Option<mpsc::Sender<PendingLease>>,
 }
 
 /// A lease waiting for the batch that stores it.
@@ -120,14 +119,16 @@ impl LeaseManager {
         mounts: Arc<MountTable>,
         stored_with_audit: bool,
     ) -> Self {
-        let (writer, pending) = mpsc::channel::<PendingLease>(8192);
-        tokio::spawn(write_leases(repository.clone(), pending));
+        let writer = (!stored_with_audit).then(|| {
+            let (writer, pending) = mpsc::channel::<PendingLease>(8192);
+            tokio::spawn(write_leases(repository.clone(), pending));
+            writer
+        });
         Self {
             repository,
             tokens,
             mounts,
             writer,
-            stored_with_audit,
         }
     }
 
@@ -181,24 +182,34 @@ impl LeaseManager {
             native_lease_id: native.map(|native| native.id.clone()),
         };
         let view = LeaseView::of(&row, now);
-        if self.stored_with_audit {
+        let Some(writer) = &self.writer else {
             draft.update(|fields| fields.pending_leases.push(row));
             return Ok(view);
-        }
+        };
 
         let (stored, answer) = oneshot::channel();
         let unavailable = |reason: &str| {
             StorageError::Corrupt(format!("the lease could not be stored: {reason}"))
         };
-        self.writer
-            .try_send(PendingLease { row, stored })
-            .map_err(|_| unavailable("too many leases are waiting"))?;
-        match tokio::time::timeout(LEASE_WRITE_TIMEOUT, answer).await {
-            Ok(Ok(Ok(()))) => Ok(view),
-            Ok(Ok(Err(reason))) => Err(unavailable(&reason)),
-            Ok(Err(_)) => Err(unavailable("the lease writer stopped")),
-            Err(_) => Err(unavailable("the database did not answer in time")),
+        let pending = PendingLease {
+            row: row.clone(),
+            stored,
+        };
+        let outcome = match writer.try_send(pending) {
+            Err(_) => Err(unavailable("too many leases are waiting")),
+            Ok(()) => match tokio::time::timeout(LEASE_WRITE_TIMEOUT, answer).await {
+                Ok(Ok(Ok(()))) => Ok(view),
+                Ok(Ok(Err(reason))) => Err(unavailable(&reason)),
+                Ok(Err(_)) => Err(unavailable("the lease writer stopped")),
+                Err(_) => Err(unavailable("the database did not answer in time")),
+            },
+        };
+        if outcome.is_err() {
+            // A credential the client will never receive must not stay alive in its
+            // backend.
+            self.revoke_native(&row).await;
         }
+        outcome
     }
 
     /// Revokes the leases a selector takes, and their native leases.

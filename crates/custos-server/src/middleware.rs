@@ -36,7 +36,20 @@ pub struct RequestId(pub String);
 
 /// Gives every request an id, a span, a timeout, one summary log line and, except for
 /// the health check, one durable audit record before the response leaves.
-pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+///
+/// The request is handled in a task of its own: a client that disconnects does not cancel
+/// it halfway, so what it did is still recorded, and a lease it drew up is still stored
+/// or, with its backend lease, revoked. The request timeout bounds the work.
+pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    tokio::spawn(handle(state, request, next))
+        .await
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, "request handling panicked");
+            ApiError::internal().into_response()
+        })
+}
+
+async fn handle(state: AppState, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let method = request.method().clone();
@@ -83,6 +96,14 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     .await;
 
     if audited {
+        // Leases are stored only with a successful read: a read that ended otherwise (a
+        // timeout, say) delivered no secret.
+        let leases = draft.take_leases();
+        let (leases, mut undelivered) = if response.status().is_success() {
+            (leases, Vec::new())
+        } else {
+            (Vec::new(), leases)
+        };
         let record = draft.finish(
             Finished {
                 time: wire::rfc3339(time::OffsetDateTime::now_utc()),
@@ -98,31 +119,31 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             },
             |accessor| state.audit.key().hash(accessor),
         );
-        // Leases are stored only with a successful read: a read that ended otherwise
-        // (a timeout, say) delivered no secret.
-        let leases = draft.take_leases();
-        let (leases, undelivered) = if response.status().is_success() {
-            (leases, Vec::new())
-        } else {
-            (Vec::new(), leases)
-        };
+        let with_backend_lease = leases
+            .iter()
+            .filter(|lease| lease.native_lease_id.is_some())
+            .cloned()
+            .collect::<Vec<_>>();
         let audited = state
             .audit
-            .record(record, leases.clone())
+            .record(record, leases)
             .instrument(span.clone())
             .await;
-        let undelivered = if audited.is_err() {
-            leases
-        } else {
-            undelivered
-        };
-        for lease in &undelivered {
-            // A credential the client never receives must not stay alive in its backend.
-            state
-                .leases
-                .revoke_native(lease)
-                .instrument(span.clone())
-                .await;
+        if audited.is_err() {
+            undelivered.extend(with_backend_lease);
+        }
+        if !undelivered.is_empty() {
+            // A credential the client never receives must not stay alive in its backend;
+            // revoking it must not hold up the answer either.
+            let lease_manager = state.leases.clone();
+            tokio::spawn(
+                async move {
+                    for lease in &undelivered {
+                        lease_manager.revoke_native(lease).await;
+                    }
+                }
+                .instrument(span.clone()),
+            );
         }
         if let Err(error) = audited {
             // Fail closed: whatever was about to be sent, secret included, is dropped.

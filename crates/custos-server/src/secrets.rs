@@ -69,7 +69,7 @@ pub async fn read(
     let relative = require_secret(relative, &path)?;
     require(mount, Operation::Read)?;
     let version = mount.backend.read(&relative, query.version).await?;
-    let issued = state
+    let lease = state
         .leases
         .issue(
             &principal,
@@ -79,21 +79,8 @@ pub async fn read(
             version.native_lease.as_ref(),
             &draft,
         )
-        .await;
-    let lease = match issued {
-        Ok(lease) => lease,
-        Err(error) => {
-            // A credential the client will never receive must not stay alive in the
-            // backend.
-            if let Some(native) = &version.native_lease {
-                if let Err(revoke_error) = mount.backend.revoke_native_lease(&native.id).await {
-                    tracing::error!(error = %revoke_error,
-                        "the backend's lease of an undelivered secret could not be revoked");
-                }
-            }
-            return Err(crate::leases::store_error(error));
-        }
-    };
+        .await
+        .map_err(crate::leases::store_error)?;
     draft.update(|fields| {
         fields.version = Some(version.metadata.version);
         fields.lease_id = Some(lease.lease_id.clone());

@@ -63,29 +63,6 @@ impl LeaseRepository {
         Ok(())
     }
 
-    pub async fn insert(&self, lease: &LeaseRow) -> Result<(), StorageError> {
-        sqlx::query(&format!(
-            "INSERT INTO leases ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-        ))
-        .bind(&lease.lease_id)
-        .bind(&lease.token_accessor)
-        .bind(&lease.principal)
-        .bind(&lease.mount)
-        .bind(&lease.path)
-        .bind(lease.version.map(to_i64).transpose()?)
-        .bind(lease.issued_at)
-        .bind(lease.expires_at)
-        .bind(lease.max_expires_at)
-        .bind(i64::from(lease.renewable))
-        .bind(lease.revoked_at)
-        .bind(&lease.revoke_reason)
-        .bind(&lease.native_lease_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn get(&self, lease_id: &str) -> Result<Option<LeaseRow>, StorageError> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM leases WHERE lease_id = $1"))
             .bind(lease_id)

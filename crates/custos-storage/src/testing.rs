@@ -62,18 +62,43 @@ impl TestDatabase {
     }
 
     /// Drops a PostgreSQL test database (SQLite files go with their directory).
-    pub async fn drop_database(self) {
-        if let Some(name) = &self.postgres_name {
-            let mut admin = AnyConnection::connect(&postgres_admin_url())
-                .await
-                .expect("PostgreSQL for tests is reachable");
-            admin
-                .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+    pub async fn drop_database(mut self) {
+        if let Some(name) = self.postgres_name.take() {
+            drop_postgres_database(&name)
                 .await
                 .expect("the test database can be dropped");
-            admin.close().await.ok();
         }
     }
+}
+
+impl Drop for TestDatabase {
+    /// A test that panicked before `drop_database` still leaves no database behind: the
+    /// drop runs on a thread of its own, since this may be inside an async runtime.
+    fn drop(&mut self) {
+        let Some(name) = self.postgres_name.take() else {
+            return;
+        };
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(drop_postgres_database(&name)).ok()
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("a PostgreSQL test database could not be dropped");
+        }
+    }
+}
+
+async fn drop_postgres_database(name: &str) -> Result<(), sqlx::Error> {
+    let mut admin = AnyConnection::connect(&postgres_admin_url()).await?;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await?;
+    admin.close().await.ok();
+    Ok(())
 }
 
 /// A temporary directory without pulling `tempfile` into the library's dependencies.

@@ -29,7 +29,7 @@ use vaultrs::error::ClientError;
 
 use crate::error::{is_permission_denied, map_error};
 use crate::lease::{RenewLeaseRequest, RevokeLeaseRequest};
-use crate::session::{SessionManager, VaultConnection};
+use crate::session::{SessionManager, VaultConnection, VaultSessions};
 
 /// How long one Vault call may take by default before the request is a 504.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,26 +71,16 @@ pub struct VaultBackend {
     vault_mount: String,
     engine: VaultEngine,
     sessions: Arc<SessionManager>,
-    keeper: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for VaultBackend {
-    fn drop(&mut self) {
-        self.keeper.abort();
-    }
 }
 
 impl VaultBackend {
-    /// Creates the backend and starts the task that keeps its Vault token alive; call it
-    /// inside the Tokio runtime.
-    pub fn new(settings: VaultBackendSettings) -> Self {
-        let sessions = Arc::new(SessionManager::new(settings.connection));
-        let keeper = sessions.spawn_keeper();
+    /// Creates the backend on the broker's session for its connection (mounts on the same
+    /// Vault with the same identity share one login); call it inside the Tokio runtime.
+    pub fn new(settings: VaultBackendSettings, sessions: &mut VaultSessions) -> Self {
         Self {
+            sessions: sessions.for_connection(&settings.connection),
             vault_mount: settings.vault_mount,
             engine: settings.engine,
-            sessions,
-            keeper,
         }
     }
 
@@ -111,8 +101,11 @@ impl VaultBackend {
         let client = self.sessions.client().await?;
         match call(client.clone()).await {
             Err(error) if is_permission_denied(&error) => {
-                if vaultrs::token::lookup_self(client.as_ref()).await.is_ok() {
-                    return Err(map_error(error));
+                // Only Vault's refusal of the token's own lookup says the token is gone; a
+                // lookup that fails otherwise (Vault away) keeps the session.
+                match vaultrs::token::lookup_self(client.as_ref()).await {
+                    Err(lookup) if is_permission_denied(&lookup) => {}
+                    _ => return Err(map_error(error)),
                 }
                 tracing::warn!("Vault no longer accepts the broker's token; logging in again");
                 self.sessions.invalidate(&client);
@@ -476,10 +469,13 @@ impl SecretBackend for VaultBackend {
     }
 }
 
-/// Vault answers 400 "lease not found" for a lease it already ended.
+/// Vault answers 400 "lease not found", "lease expired" or "lease not found or lease is
+/// not renewable" for a lease it already ended.
 fn lease_error(error: BackendError) -> BackendError {
     match error {
-        BackendError::InvalidInput(reason) if reason.contains("lease not found") => {
+        BackendError::InvalidInput(reason)
+            if reason.contains("lease not found") || reason.contains("lease expired") =>
+        {
             BackendError::NotFound
         }
         other => other,

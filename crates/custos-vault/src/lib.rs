@@ -18,4 +18,4 @@ pub mod lease;
 pub mod session;
 
 pub use backend::{VaultBackend, VaultBackendSettings, VaultEngine};
-pub use session::{VaultAuth, VaultConnection};
+pub use session::{VaultAuth, VaultConnection, VaultSessions};

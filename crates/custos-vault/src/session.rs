@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 use crate::error::{map_error, refused_login};
 
 /// How the broker proves itself to Vault.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum VaultAuth {
     /// A Vault token read from a file, re-read whenever the file changes.
     TokenFile(PathBuf),
@@ -49,7 +49,7 @@ impl VaultAuth {
 }
 
 /// Where Vault is and how to reach it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct VaultConnection {
     pub address: String,
     pub namespace: Option<String>,
@@ -76,13 +76,16 @@ struct Session {
     token_file_modified: Option<SystemTime>,
 }
 
-/// The current session, and the lock that lets one refresh run at a time.
+/// The current session, and the lock that lets one refresh run at a time. One manager
+/// serves every mount that logs in to the same Vault the same way, so a single-use AppRole
+/// secret id or one Vault token is enough for all of them.
 pub struct SessionManager {
     connection: VaultConnection,
     current: RwLock<Option<Arc<Session>>>,
-    refresh: tokio::sync::Mutex<()>,
+    /// Held by the refresh in progress; owned, so that the refresh task holds it.
+    refresh: Arc<tokio::sync::Mutex<()>>,
     /// Wakes the keeper when the session changes, so that it plans for the new lifetime.
-    changed: tokio::sync::Notify,
+    changed: Arc<tokio::sync::Notify>,
     /// The last failed refresh, shared with the callers that queued behind it.
     last_failure: std::sync::Mutex<Option<(Instant, BackendError)>>,
 }
@@ -98,7 +101,7 @@ impl std::fmt::Debug for SessionManager {
 }
 
 /// How long the keeper waits before trying again when there is no session (Vault down or
-/// a credential refused).
+/// a credential refused), and how soon a refresh that failed is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long a failed refresh answers for the callers that queued behind it.
@@ -108,7 +111,10 @@ const FAILURE_HOLD: Duration = Duration::from_secs(1);
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 impl SessionManager {
-    pub fn new(connection: VaultConnection) -> Self {
+    /// A manager for `connection`, with the keeper task that renews its token before it
+    /// expires even while no request comes (it ends when the manager is dropped). Call it
+    /// inside the Tokio runtime.
+    pub fn start(connection: VaultConnection) -> Arc<Self> {
         if connection.skip_tls_verify {
             tracing::warn!(
                 address = %connection.address,
@@ -116,13 +122,15 @@ impl SessionManager {
                  for development"
             );
         }
-        Self {
+        let manager = Arc::new(Self {
             connection,
             current: RwLock::new(None),
-            refresh: tokio::sync::Mutex::new(()),
-            changed: tokio::sync::Notify::new(),
+            refresh: Arc::new(tokio::sync::Mutex::new(())),
+            changed: Arc::new(tokio::sync::Notify::new()),
             last_failure: std::sync::Mutex::new(None),
-        }
+        });
+        spawn_keeper(&manager);
+        manager
     }
 
     pub fn connection(&self) -> &VaultConnection {
@@ -130,22 +138,37 @@ impl SessionManager {
     }
 
     /// A client with a valid token, renewing or logging in first when needed.
-    pub async fn client(&self) -> Result<Arc<VaultClient>, BackendError> {
+    ///
+    /// The refresh runs in a task of its own that holds the lock: a caller that gives up
+    /// (its client went away, its request timed out) neither cancels the refresh nor lets
+    /// another one start beside it, and the callers queued behind it share its outcome.
+    pub async fn client(self: &Arc<Self>) -> Result<Arc<VaultClient>, BackendError> {
         if let Some(session) = self.usable() {
             return Ok(session.client.clone());
         }
 
-        let _refreshing = self.refresh.lock().await;
-        // Another caller may have refreshed the session while this one waited, or failed
-        // to: callers that queued behind a failure share it instead of each waiting for
-        // Vault again.
+        let refreshing = Arc::clone(&self.refresh).lock_owned().await;
         if let Some(session) = self.usable() {
             return Ok(session.client.clone());
         }
         if let Some(error) = self.recent_failure() {
             return Err(error);
         }
+        let manager = Arc::clone(self);
+        tokio::spawn(async move {
+            let _refreshing = refreshing;
+            manager.refresh_and_store().await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::Internal(
+                "the Vault login task failed".to_owned(),
+            ))
+        })
+    }
 
+    /// Refreshes the session and records the outcome for everyone.
+    async fn refresh_and_store(&self) -> Result<Arc<VaultClient>, BackendError> {
         let previous = self.snapshot();
         let session = match self.refresh_session().await {
             Ok(session) => {
@@ -155,20 +178,26 @@ impl SessionManager {
             Err(error) => {
                 *self.failure_slot() = Some((Instant::now(), error.clone()));
                 // A token that still works keeps serving while Vault is unreachable; the
-                // refresh is tried again shortly.
+                // refresh is tried again shortly, and no later than the token's end.
+                let now = Instant::now();
                 let still_valid = previous.as_ref().filter(|previous| {
                     previous
                         .expires_at
-                        .is_none_or(|expires_at| Instant::now() < expires_at)
+                        .is_none_or(|expires_at| now < expires_at)
                 });
                 let Some(previous) = still_valid else {
                     return Err(error);
                 };
                 tracing::warn!(%error, "cannot refresh the broker's Vault token; using it \
                     until it expires");
+                let retry_at = now + RETRY_INTERVAL;
                 Arc::new(Session {
                     client: previous.client.clone(),
-                    renew_at: Some(Instant::now() + RETRY_INTERVAL),
+                    renew_at: Some(
+                        previous
+                            .expires_at
+                            .map_or(retry_at, |expires_at| retry_at.min(expires_at)),
+                    ),
                     expires_at: previous.expires_at,
                     lifetime: previous.lifetime,
                     renewable: previous.renewable,
@@ -211,33 +240,6 @@ impl SessionManager {
         {
             *current = None;
         }
-    }
-
-    /// Starts the task that renews the token before it expires, even while no request
-    /// comes. It runs until it is aborted (the backend aborts it when dropped).
-    pub fn spawn_keeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let sessions = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                let wait = sessions.next_refresh_in();
-                let woken_early = tokio::select! {
-                    () = tokio::time::sleep(wait) => false,
-                    () = sessions.changed.notified() => true,
-                };
-                if woken_early {
-                    // The session changed: plan again for its lifetime.
-                    continue;
-                }
-
-                if let Err(error) = sessions.client().await {
-                    tracing::warn!(
-                        address = %sessions.connection.address,
-                        %error,
-                        "cannot log in to Vault; will retry"
-                    );
-                }
-            }
-        })
     }
 
     fn next_refresh_in(&self) -> Duration {
@@ -284,10 +286,15 @@ impl SessionManager {
                 match self.renew(&previous).await {
                     Ok(Some(session)) => return Ok(session),
                     Ok(None) => {}
-                    Err(error) => {
-                        tracing::warn!(%error, "Vault refused to renew the broker's token; \
+                    // Vault refused: the token is gone or at its end; a login may work.
+                    Err(
+                        BackendError::PermissionDenied(reason) | BackendError::InvalidInput(reason),
+                    ) => {
+                        tracing::warn!(%reason, "Vault refused to renew the broker's token; \
                             logging in again");
                     }
+                    // Vault did not answer: a login would not either.
+                    Err(error) => return Err(error),
                 }
             }
         }
@@ -414,7 +421,7 @@ impl SessionManager {
             return Ok(None);
         }
         if granted.is_zero() {
-            return Err(BackendError::Unavailable(
+            return Err(BackendError::PermissionDenied(
                 "the broker's Vault token reached its maximum lifetime; replace the token \
                  file"
                     .to_owned(),
@@ -447,4 +454,53 @@ fn read_credential_file(path: &Path) -> Result<Zeroizing<String>, BackendError> 
         ))
     })?);
     Ok(Zeroizing::new(text.trim().to_owned()))
+}
+
+/// The session managers of one broker, one per distinct Vault connection and identity.
+#[derive(Debug, Default)]
+pub struct VaultSessions {
+    managers: std::collections::HashMap<VaultConnection, Arc<SessionManager>>,
+}
+
+impl VaultSessions {
+    /// The manager for `connection`, started on first use.
+    pub fn for_connection(&mut self, connection: &VaultConnection) -> Arc<SessionManager> {
+        self.managers
+            .entry(connection.clone())
+            .or_insert_with(|| SessionManager::start(connection.clone()))
+            .clone()
+    }
+}
+
+/// Starts the task that renews `manager`'s token before it expires. It holds the manager
+/// only weakly, and ends once the manager is dropped.
+fn spawn_keeper(manager: &Arc<SessionManager>) {
+    let changed = Arc::clone(&manager.changed);
+    let manager = Arc::downgrade(manager);
+    tokio::spawn(async move {
+        loop {
+            let Some(wait) = manager.upgrade().map(|manager| manager.next_refresh_in()) else {
+                return;
+            };
+            let woken_early = tokio::select! {
+                () = tokio::time::sleep(wait) => false,
+                () = changed.notified() => true,
+            };
+            if woken_early {
+                // The session changed: plan again for its lifetime.
+                continue;
+            }
+
+            let Some(sessions) = manager.upgrade() else {
+                return;
+            };
+            if let Err(error) = sessions.client().await {
+                tracing::warn!(
+                    address = %sessions.connection.address,
+                    %error,
+                    "cannot log in to Vault; will retry"
+                );
+            }
+        }
+    });
 }

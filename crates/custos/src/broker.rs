@@ -28,7 +28,7 @@ use custos_storage::local_secrets::LocalSecretRepository;
 use custos_storage::policies::PolicyRepository;
 use custos_storage::tokens::TokenRepository;
 use custos_storage::{Database, DatabaseUrl};
-use custos_vault::VaultBackend;
+use custos_vault::{VaultBackend, VaultSessions};
 
 use crate::cli::{DevArguments, InitArguments, LogArguments, RotateArguments, ServerArguments};
 use crate::config::{
@@ -208,10 +208,11 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
 
     let repository = LocalSecretRepository::new(database.pool().clone());
     let mut mounts = Vec::new();
+    let mut vault_sessions = VaultSessions::default();
     for mount in &settings.mounts {
         mounts.push(Mount {
             path: mount.path.clone(),
-            backend: open_backend(mount, &repository, &keyring).await,
+            backend: open_backend(mount, &repository, &keyring, &mut vault_sessions).await,
             read_only: mount.read_only,
             lease: mount.lease,
         });
@@ -272,6 +273,7 @@ async fn open_backend(
     mount: &MountSettings,
     repository: &LocalSecretRepository,
     keyring: &Arc<KeyringHandle>,
+    vault_sessions: &mut VaultSessions,
 ) -> Arc<dyn SecretBackend> {
     let Some(vault) = &mount.vault else {
         return Arc::new(LocalBackend::new(
@@ -284,7 +286,7 @@ async fn open_backend(
         ));
     };
 
-    let backend = VaultBackend::new(vault.clone());
+    let backend = VaultBackend::new(vault.clone(), vault_sessions);
     // Log in now so that a wrong address or credential shows at start. A Vault that is
     // down only warns: it may come back, and the other mounts should serve meanwhile.
     match backend.connect().await {
