@@ -303,10 +303,11 @@ impl ChainState {
 }
 
 // FIXME: on SQLite an audited read still costs about a fifth of the throughput of an
-// unaudited one (benches/audit_throughput.rs: 4837 against 5994 reads/s), against a target
-// of 15%. The record work itself is under 2% of CPU; the cost is the rows and their three
-// search indexes written through sqlx's SQLite worker thread, whose per-statement thread
-// handoffs dominate the profile. A dedicated blocking writer connection is the next step.
+// unaudited one (benches/audit_throughput.rs: 17% to 25% on best rounds, 10% on medians, on
+// a noisy 2-core machine), against a target of 15%. The record work itself is under 2% of
+// CPU; the cost is the rows and their three search indexes written through sqlx's SQLite
+// worker thread, whose per-statement thread handoffs dominate the profile. A dedicated
+// blocking writer connection is the next step.
 struct Writer {
     repository: AuditRepository,
     key: Arc<AuditKey>,
