@@ -288,3 +288,106 @@ async fn dev_mode_serves_at_once_and_keeps_data_and_token_across_restarts() {
     );
     terminate(child);
 }
+
+/// The README's identity tour, command by command: a policy, an AppRole for a workload,
+/// its login, what its token may read, and the incident-response revocations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_tour_of_the_readme_works_as_written() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let broker = Broker::start(DatabaseKind::Sqlite).await;
+    let directory = tempfile::tempdir().unwrap();
+    let policy_file = directory.path().join("app-read.json");
+    std::fs::write(
+        &policy_file,
+        r#"{"rules": [{"path": "secret/app/**", "capabilities": ["read"]}]}"#,
+    )
+    .unwrap();
+    let policy_path = policy_file.to_str().unwrap();
+    assert_eq!(
+        stdout_of(&broker.cli(&["policy", "write", "app-read", policy_path])),
+        "Wrote policy app-read\n"
+    );
+    let role =
+        stdout_of(&broker.cli(&["approle", "write-role", "billing", "--policy", "app-read"]));
+    assert!(role.contains("policies               app-read"), "{role}");
+    let role_id = stdout_of(&broker.cli(&["approle", "role-id", "billing"]));
+    let role_id = role_id.trim();
+
+    let secret_id_file = directory.path().join("custos_secret_id");
+    let issued = stdout_of(&broker.cli(&[
+        "approle",
+        "secret-id",
+        "billing",
+        "--output",
+        secret_id_file.to_str().unwrap(),
+    ]));
+    assert!(
+        issued.starts_with("Wrote a secret id for role billing to "),
+        "{issued}"
+    );
+    let mode = std::fs::metadata(&secret_id_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let secret_id = std::fs::read_to_string(&secret_id_file).unwrap();
+    assert!(
+        !issued.contains(secret_id.trim()),
+        "the secret id is not printed"
+    );
+
+    broker.cli(&["secret", "put", "secret/app/db", "password=for-billing"]);
+    broker.cli(&[
+        "secret",
+        "put",
+        "secret/other/db",
+        "password=not-for-billing",
+    ]);
+    let login = broker.cli(&[
+        "approle",
+        "login",
+        "--role-id",
+        role_id,
+        "--secret-id-file",
+        secret_id_file.to_str().unwrap(),
+        "--field",
+        "token",
+    ]);
+    let workload_token = stdout_of(&login).trim().to_owned();
+    assert!(workload_token.starts_with("cst_"), "{workload_token}");
+
+    // The workload reads what its policy allows, and nothing else.
+    let as_workload = |arguments: &[&str]| {
+        run_custos(
+            arguments,
+            &[
+                ("CUSTOS_ADDR", &broker.url("")),
+                ("CUSTOS_TOKEN", &workload_token),
+            ],
+        )
+    };
+    let allowed = as_workload(&["secret", "get", "secret/app/db", "--field", "password"]);
+    assert_eq!(stdout_of(&allowed), "for-billing\n");
+    let denied = as_workload(&["secret", "get", "secret/other/db"]);
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("forbidden"));
+
+    // Incident response: everything under the path, then everything the workload holds.
+    let by_prefix = stdout_of(&broker.cli(&["lease", "revoke-prefix", "secret/app"]));
+    assert!(by_prefix.contains("revoked    1"), "{by_prefix}");
+    as_workload(&["secret", "get", "secret/app/db"]);
+    let by_principal = stdout_of(&broker.cli(&["lease", "revoke-principal", "approle:billing"]));
+    assert!(by_principal.contains("revoked    1"), "{by_principal}");
+
+    // A child token for a script, printed alone.
+    let child = broker.cli(&[
+        "token", "create", "--policy", "app-read", "--field", "token",
+    ]);
+    let child = stdout_of(&child);
+    assert!(
+        child.starts_with("cst_") && child.lines().count() == 1,
+        "{child}"
+    );
+    broker.finish().await;
+}

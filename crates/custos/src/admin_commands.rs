@@ -68,10 +68,33 @@ impl Admin {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<ExitCode> {
-        match self.call(method, path, body).await? {
-            Some(value) => self.print(&value),
-            None => Ok(ExitCode::FAILURE),
-        }
+        self.run_field(method, path, body, None).await
+    }
+
+    /// Like `run`, printing only `field` of the answer when one is named (as text, on one
+    /// line, whatever the output format: it is for scripts).
+    async fn run_field(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        field: Option<&str>,
+    ) -> anyhow::Result<ExitCode> {
+        let Some(value) = self.call(method, path, body).await? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        let Some(field) = field else {
+            return self.print(&value);
+        };
+        let Some(selected) = value.get(field) else {
+            bail!("the answer has no field `{field}`");
+        };
+        let text = match selected {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        writeln!(std::io::stdout().lock(), "{text}")?;
+        Ok(ExitCode::SUCCESS)
     }
 }
 
@@ -115,6 +138,7 @@ pub async fn token(connection: Connection, command: TokenCommand) -> anyhow::Res
             uses,
             display_name,
             metadata,
+            field,
         } => {
             let mut entries = Map::new();
             for pair in metadata {
@@ -132,10 +156,11 @@ pub async fn token(connection: Connection, command: TokenCommand) -> anyhow::Res
                 "metadata": entries,
             });
             admin
-                .run(
+                .run_field(
                     Method::POST,
                     "/v1/auth/token/create",
                     Some(without_nulls(body)),
+                    field.as_deref(),
                 )
                 .await
         }
@@ -245,6 +270,7 @@ pub async fn approle(connection: Connection, command: AppRoleCommand) -> anyhow:
         AppRoleCommand::Login {
             role_id,
             secret_id_file,
+            field,
         } => {
             let secret_id = Zeroizing::new(
                 std::fs::read_to_string(&secret_id_file)
@@ -254,7 +280,12 @@ pub async fn approle(connection: Connection, command: AppRoleCommand) -> anyhow:
             );
             let body = json!({ "role_id": role_id, "secret_id": secret_id.as_str() });
             admin
-                .run(Method::POST, "/v1/auth/approle/login", Some(body))
+                .run_field(
+                    Method::POST,
+                    "/v1/auth/approle/login",
+                    Some(body),
+                    field.as_deref(),
+                )
                 .await
         }
     }

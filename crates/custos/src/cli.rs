@@ -103,6 +103,9 @@ pub enum TokenCommand {
         /// Metadata as KEY=VALUE; repeat for several.
         #[arg(long = "metadata", value_name = "KEY=VALUE")]
         metadata: Vec<String>,
+        /// Print only this field of the answer, such as `token`, for scripts.
+        #[arg(long)]
+        field: Option<String>,
     },
     /// Show a token by accessor (admin).
     Lookup { accessor: String },
@@ -162,6 +165,9 @@ pub enum AppRoleCommand {
         /// File holding the secret id, such as /run/secrets/custos_secret_id.
         #[arg(long)]
         secret_id_file: PathBuf,
+        /// Print only this field of the answer, such as `token`, for scripts.
+        #[arg(long)]
+        field: Option<String>,
     },
 }
 
