@@ -265,6 +265,50 @@ async fn secret_values_and_tokens_never_reach_answers_or_logs(kind: DatabaseKind
         assert!(!log.contains(forbidden), "the log contains {forbidden}");
     }
 
+    // The same in JSON logs, the production format: one object per line, with the
+    // request's fields, and still no value or token.
+    let config = std::fs::read_to_string(&broker.config_path).unwrap();
+    std::fs::write(
+        &broker.config_path,
+        config.replace("[log]\n", "[log]\nformat = \"json\"\n"),
+    )
+    .unwrap();
+    let text_log_length = broker.log().len();
+    broker.launch().await;
+    let read = broker.read("secret/app/db").await;
+    read.expect(200);
+    broker
+        .http()
+        .get(broker.url("/v1/secrets/secret/app/db"))
+        .bearer_auth("cst_guessed-token-value")
+        .send()
+        .await
+        .unwrap();
+    broker.stop().await;
+    let json_log = broker.log()[text_log_length..].to_owned();
+    let lines: Vec<serde_json::Value> = json_log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    assert!(
+        lines.iter().any(|line| {
+            line["message"] == "request finished"
+                && line["span"]["request_id"] == read.request_id().as_str()
+        }),
+        "{json_log}"
+    );
+    for forbidden in [
+        secret_value,
+        broker.root_token.as_str(),
+        "cst_guessed-token-value",
+    ] {
+        assert!(
+            !json_log.contains(forbidden),
+            "the JSON log contains {forbidden}"
+        );
+    }
+
     // Nor does the database hold the value in clear.
     let mut connection = <sqlx::AnyConnection as sqlx::Connection>::connect(&broker.database_url)
         .await
