@@ -102,6 +102,54 @@ async fn slow_relay(target: &str, delay: Duration) -> (String, tokio::task::Join
     (address, relay)
 }
 
+/// Enables AppRole in OpenBao with a role for the broker, writes its role id and a secret
+/// id issued with `secret_id_options` to files in `directory`, and returns the
+/// `[mounts.vault.auth]` body that uses them, with the secret id's text.
+async fn approle_for_broker(
+    bao: &OpenBao,
+    directory: &std::path::Path,
+    secret_id_options: serde_json::Value,
+) -> (String, String) {
+    bao.api(
+        Method::POST,
+        "sys/auth/approle",
+        Some(json!({"type": "approle"})),
+    )
+    .await;
+    bao.api(
+        Method::POST,
+        "auth/approle/role/custos",
+        Some(json!({"token_policies": ["custos"], "token_ttl": "1h"})),
+    )
+    .await;
+    let role_id = bao
+        .api(Method::GET, "auth/approle/role/custos/role-id", None)
+        .await["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let secret_id = bao
+        .api(
+            Method::POST,
+            "auth/approle/role/custos/secret-id",
+            Some(secret_id_options),
+        )
+        .await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let role_id_file = directory.join("role-id");
+    let secret_id_file = directory.join("secret-id");
+    std::fs::write(&role_id_file, role_id).unwrap();
+    std::fs::write(&secret_id_file, &secret_id).unwrap();
+    let auth = format!(
+        "method = \"approle\"\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"",
+        role_id_file.display(),
+        secret_id_file.display()
+    );
+    (auth, secret_id)
+}
+
 fn occurrences(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
@@ -295,45 +343,8 @@ async fn an_idle_brokers_short_lived_vault_token_is_renewed_and_a_replaced_file_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_logs_in_with_approle_and_once_for_many_requests_after_a_revocation() {
     let bao = prepared_openbao().await;
-    bao.api(
-        Method::POST,
-        "sys/auth/approle",
-        Some(json!({"type": "approle"})),
-    )
-    .await;
-    bao.api(
-        Method::POST,
-        "auth/approle/role/custos",
-        Some(json!({"token_policies": ["custos"], "token_ttl": "1h"})),
-    )
-    .await;
-    let role_id = bao
-        .api(Method::GET, "auth/approle/role/custos/role-id", None)
-        .await["data"]["role_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let secret_id = bao
-        .api(
-            Method::POST,
-            "auth/approle/role/custos/secret-id",
-            Some(json!({})),
-        )
-        .await["data"]["secret_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let directory = tempfile::tempdir().unwrap();
-    let role_id_file = directory.path().join("role-id");
-    let secret_id_file = directory.path().join("secret-id");
-    std::fs::write(&role_id_file, role_id).unwrap();
-    std::fs::write(&secret_id_file, &secret_id).unwrap();
-
-    let auth = format!(
-        "method = \"approle\"\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"",
-        role_id_file.display(),
-        secret_id_file.display()
-    );
+    let (auth, secret_id) = approle_for_broker(&bao, directory.path(), json!({})).await;
     let (relay_address, relay) = slow_relay(&bao.address, Duration::from_millis(300)).await;
     let mut options = BrokerOptions::new(DatabaseKind::Sqlite);
     options.mounts.push_str(&format!(
@@ -379,44 +390,9 @@ async fn the_broker_logs_in_with_approle_and_once_for_many_requests_after_a_revo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mounts_on_one_vault_identity_share_one_login_even_with_a_single_use_secret_id() {
     let bao = prepared_openbao().await;
-    bao.api(
-        Method::POST,
-        "sys/auth/approle",
-        Some(json!({"type": "approle"})),
-    )
-    .await;
-    bao.api(
-        Method::POST,
-        "auth/approle/role/custos",
-        Some(json!({"token_policies": ["custos"], "token_ttl": "1h"})),
-    )
-    .await;
-    let role_id = bao
-        .api(Method::GET, "auth/approle/role/custos/role-id", None)
-        .await["data"]["role_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let secret_id = bao
-        .api(
-            Method::POST,
-            "auth/approle/role/custos/secret-id",
-            Some(json!({"num_uses": 1})),
-        )
-        .await["data"]["secret_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let directory = tempfile::tempdir().unwrap();
-    let role_id_file = directory.path().join("role-id");
-    let secret_id_file = directory.path().join("secret-id");
-    std::fs::write(&role_id_file, role_id).unwrap();
-    std::fs::write(&secret_id_file, &secret_id).unwrap();
-    let auth = format!(
-        "method = \"approle\"\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"",
-        role_id_file.display(),
-        secret_id_file.display()
-    );
+    let (auth, secret_id) =
+        approle_for_broker(&bao, directory.path(), json!({"num_uses": 1})).await;
 
     // Two mounts, KV v2 and KV v1, one Vault identity: the one use of the secret id
     // serves both.
@@ -434,6 +410,7 @@ async fn mounts_on_one_vault_identity_share_one_login_even_with_a_single_use_sec
         "kv1"
     );
     assert_eq!(occurrences(&broker.log(), "logged in to Vault"), 1);
+    assert!(!broker.log().contains(&secret_id));
     broker.finish().await;
 }
 
