@@ -314,7 +314,10 @@ async fn the_identity_tour_of_the_readme_works_as_written() {
     let role_id = stdout_of(&broker.cli(&["approle", "role-id", "billing"]));
     let role_id = role_id.trim();
 
+    // A file left over with a wider mode is narrowed, not merely overwritten.
     let secret_id_file = directory.path().join("custos_secret_id");
+    std::fs::write(&secret_id_file, "old").unwrap();
+    std::fs::set_permissions(&secret_id_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let issued = stdout_of(&broker.cli(&[
         "approle",
         "secret-id",

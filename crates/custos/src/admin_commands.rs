@@ -259,7 +259,7 @@ pub async fn approle(connection: Connection, command: AppRoleCommand) -> anyhow:
             };
             let secret_id =
                 Zeroizing::new(issued["secret_id"].as_str().unwrap_or_default().to_owned());
-            write_private(&output, &secret_id)?;
+            crate::broker::write_private_file(&output, &secret_id)?;
             println!(
                 "Wrote a secret id for role {name} to {} (mode 0600); it expires at {}.",
                 output.display(),
@@ -371,20 +371,4 @@ fn without_nulls(value: Value) -> Value {
         ),
         other => other,
     }
-}
-
-fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(contents.as_bytes())?;
-    file.write_all(b"\n")?;
-    Ok(())
 }

@@ -499,7 +499,9 @@ fn create_private_directory(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+/// Writes `contents` and a newline to `path`, readable by its owner only (mode 0600), also
+/// when the file existed before with a wider mode.
+pub(crate) fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -510,6 +512,12 @@ fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
     let mut file = options
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    // The mode given at open applies only to a new file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     file.write_all(contents.as_bytes())?;
     file.write_all(b"\n")?;
     Ok(())
