@@ -20,6 +20,7 @@ on_both_databases!(
     reads_are_refused_within_the_bound_while_the_audit_store_is_locked_and_recover,
     search_filters_and_pagination,
     prune_keeps_the_rest_verifiable_and_tampering_detectable,
+    export_takes_a_time_range,
 );
 
 async fn root_accessor(broker: &Broker) -> String {
@@ -305,6 +306,102 @@ async fn verify_passes_on_an_intact_log_and_matches_the_json_lines_copy(kind: Da
     );
     assert!(export.status.success(), "{}", describe(&export));
     assert_eq!(String::from_utf8_lossy(&export.stdout), lines);
+    broker.finish().await;
+}
+
+/// `--since` is inclusive and `--until` exclusive, on the records' own times.
+async fn export_takes_a_time_range(kind: DatabaseKind) {
+    let mut broker = Broker::start(kind).await;
+    for index in 0..5 {
+        broker
+            .write(&format!("secret/s{index}"), json!({"k": "v"}))
+            .await
+            .expect(200);
+        // Distinct times, so that a boundary falls between two records.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker.stop().await;
+    let records = broker.audit_records().await;
+    let time_of = |sequence: usize| records[sequence - 1].record["time"].as_str().unwrap();
+
+    let export = |range: &[&str]| {
+        let mut arguments = vec![
+            "audit",
+            "export",
+            "--config",
+            broker.config_path.to_str().unwrap(),
+        ];
+        arguments.extend_from_slice(range);
+        let output = run_custos(&arguments, &[]);
+        assert!(output.status.success(), "{}", describe(&output));
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<Value>(line).unwrap()["sequence"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(export(&["--since", time_of(3)]), [3, 4, 5]);
+    assert_eq!(export(&["--until", time_of(3)]), [1, 2]);
+    assert_eq!(
+        export(&["--since", time_of(2), "--until", time_of(5)]),
+        [2, 3, 4]
+    );
+    // A date is that day's midnight, UTC: the records' day holds all of them.
+    let day = &time_of(1)[..10];
+    assert_eq!(export(&["--since", day]), [1, 2, 3, 4, 5]);
+    assert!(export(&["--until", day]).is_empty());
+    assert!(export(&["--since", "2999-01-01"]).is_empty());
+
+    // A time that is not one is refused, with the accepted forms named.
+    let refused = run_custos(
+        &[
+            "audit",
+            "export",
+            "--config",
+            broker.config_path.to_str().unwrap(),
+            "--since",
+            "yesterday",
+        ],
+        &[],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("RFC 3339"),
+        "{}",
+        describe(&refused)
+    );
+    broker.finish().await;
+}
+
+/// A stdout sink beside the file sink: both get every record, as the same lines, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdout_sink_and_a_file_sink_get_the_same_lines() {
+    let mut options = BrokerOptions::new(DatabaseKind::Sqlite);
+    options.extra_config = "[[audit.sinks]]\ntype = \"stdout\"\n".to_owned();
+    let mut broker = Broker::start_with(options).await;
+    broker
+        .write("secret/app", json!({"password": "sunk"}))
+        .await
+        .expect(200);
+    broker.read("secret/app").await.expect(200);
+    broker.read("secret/missing").await.expect(404);
+    broker.stop().await;
+
+    let file = std::fs::read_to_string(broker.directory.path().join("audit.jsonl")).unwrap();
+    // The broker's standard output and error both go to its log file in the harness;
+    // the sink's lines are the ones that are records.
+    let log = broker.log();
+    let printed: Vec<&str> = log
+        .lines()
+        .filter(|line| line.starts_with("{\"sequence\":"))
+        .collect();
+    assert_eq!(printed.len(), 3, "{log}");
+    assert_eq!(printed, file.lines().collect::<Vec<_>>());
+    assert!(!log.contains("sunk"));
     broker.finish().await;
 }
 

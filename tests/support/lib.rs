@@ -265,6 +265,11 @@ impl Broker {
         }
     }
 
+    /// The running server's process id.
+    pub fn process_id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything the broker wrote to standard output and error so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

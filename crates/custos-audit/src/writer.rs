@@ -302,12 +302,9 @@ impl ChainState {
     }
 }
 
-// FIXME: on SQLite an audited read still costs about a fifth of the throughput of an
-// unaudited one (benches/audit_throughput.rs: 17% to 25% on best rounds, 10% on medians, on
-// a noisy 2-core machine), against a target of 15%. The record work itself is under 2% of
-// CPU; the cost is the rows and their three search indexes written through sqlx's SQLite
-// worker thread, whose per-statement thread handoffs dominate the profile. A dedicated
-// blocking writer connection is the next step.
+/// The single writer. On SQLite its batches go to the storage crate's append connection,
+/// a thread that runs a whole batch per handoff; through the sqlx pool, the five statement
+/// round trips of each batch cost more CPU than SQLite's own work did.
 struct Writer {
     repository: AuditRepository,
     key: Arc<AuditKey>,

@@ -6,7 +6,8 @@
 use sqlx::any::AnyArguments;
 use sqlx::{AnyPool, Arguments, Row};
 
-use crate::database::{to_i64, to_u64, Database, DatabaseKind};
+use crate::append::Appender;
+use crate::database::{to_i64, to_u64, Database};
 use crate::error::StorageError;
 use crate::leases::LeaseRow;
 
@@ -69,42 +70,31 @@ const ROWS_PER_STATEMENT: usize = 512;
 #[derive(Debug, Clone)]
 pub struct AuditRepository {
     pool: AnyPool,
-    kind: DatabaseKind,
+    appender: Option<Appender>,
 }
 
 impl AuditRepository {
     pub fn new(database: &Database) -> Self {
         Self {
             pool: database.pool().clone(),
-            kind: database.kind(),
+            appender: database.appender().cloned(),
         }
     }
 
-    /// Inserts a batch of records atomically: all of them become durable at one commit, or
-    /// none does.
+    /// Stores records, and the leases of the reads they record, in one commit: all of them
+    /// become durable, or none does, so a read's lease exists exactly when its record does.
     ///
-    /// On SQLite a batch of up to 512 records is a single statement that commits by itself,
-    /// saving two round trips per batch. PostgreSQL always gets an explicit transaction: a
-    /// caller that gives up waiting (a lock held elsewhere) never sends COMMIT, whereas a
-    /// lone statement queued behind the lock would still commit once the lock is released.
-    /// Stores records, and the leases of the reads they record, in one commit: a read's
-    /// lease exists exactly when its record does.
+    /// A SQLite file commits through its append connection. Otherwise the batch is an
+    /// explicit transaction: on PostgreSQL a caller that gives up waiting (a lock held
+    /// elsewhere) never sends COMMIT, whereas a lone statement queued behind the lock would
+    /// still commit once the lock is released.
     pub async fn insert_batch(
         &self,
         rows: &[AuditRow],
         leases: &[LeaseRow],
     ) -> Result<(), StorageError> {
-        // One self-committing statement is one round trip to SQLite's worker thread
-        // instead of three.
-        if self.kind == DatabaseKind::Sqlite
-            && rows.len() <= ROWS_PER_STATEMENT
-            && leases.is_empty()
-        {
-            let (sql, arguments) = insert_statement(rows)?;
-            sqlx::query_with(&sql, arguments)
-                .execute(&self.pool)
-                .await?;
-            return Ok(());
+        if let Some(appender) = &self.appender {
+            return appender.append(rows.to_vec(), leases.to_vec()).await;
         }
 
         let mut transaction = self.pool.begin().await?;

@@ -3,9 +3,12 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+use crate::append::Appender;
 use crate::error::StorageError;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -32,6 +35,8 @@ impl DatabaseKind {
 pub struct Database {
     pool: AnyPool,
     kind: DatabaseKind,
+    /// The connection that commits batches of audit records and leases, for SQLite files.
+    appender: Option<Appender>,
 }
 
 impl Database {
@@ -61,7 +66,16 @@ impl Database {
             DatabaseKind::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
         tracing::debug!(database = kind.as_str(), "database migrated");
-        Ok(Self { pool, kind })
+
+        let appender = match sqlite_file(url)? {
+            Some(path) => Some(Appender::start(path)?),
+            None => None,
+        };
+        Ok(Self {
+            pool,
+            kind,
+            appender,
+        })
     }
 
     pub fn kind(&self) -> DatabaseKind {
@@ -70,6 +84,10 @@ impl Database {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    pub(crate) fn appender(&self) -> Option<&Appender> {
+        self.appender.as_ref()
     }
 
     /// A cheap round trip, used by readiness checks.
@@ -92,17 +110,24 @@ fn pool_options(kind: DatabaseKind) -> AnyPoolOptions {
         // WAL lets readers proceed during a write; FULL sync makes each commit durable;
         // the busy timeout makes a second writer wait instead of failing at once, but not
         // so long that connections stuck behind a foreign lock starve the pool.
-        DatabaseKind::Sqlite => options.after_connect(|connection, _metadata| {
-            Box::pin(async move {
-                connection
-                    .execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+        // No ping before handing out a SQLite connection: it is a file opened in this
+        // process and cannot have been dropped by a server, and each ping is a round trip
+        // to the connection's worker thread, which cost as much as the query it preceded.
+        DatabaseKind::Sqlite => {
+            options
+                .test_before_acquire(false)
+                .after_connect(|connection, _metadata| {
+                    Box::pin(async move {
+                        connection
+                            .execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                          PRAGMA busy_timeout = 1000; PRAGMA foreign_keys = ON;",
-                    )
-                    .await?;
-                Ok(())
-            })
-        }),
+                            )
+                            .await?;
+                        Ok(())
+                    })
+                })
+        }
         DatabaseKind::Postgres => options,
     }
 }
@@ -115,6 +140,23 @@ fn kind_of(url: &str) -> Result<DatabaseKind, StorageError> {
     } else {
         Err(StorageError::UnsupportedUrl(describe(url)))
     }
+}
+
+/// The file behind a SQLite URL; `None` for PostgreSQL and for in-memory databases.
+fn sqlite_file(url: &str) -> Result<Option<PathBuf>, StorageError> {
+    if kind_of(url)? != DatabaseKind::Sqlite
+        || url.contains(":memory:")
+        || url.contains("mode=memory")
+    {
+        return Ok(None);
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(|source| {
+        StorageError::Connect {
+            target: describe(url),
+            source,
+        }
+    })?;
+    Ok(Some(options.get_filename().to_path_buf()))
 }
 
 fn with_create_mode(url: &str) -> String {
@@ -210,5 +252,15 @@ mod tests {
             "sqlite:///a.db?x=1&mode=rwc"
         );
         assert_eq!(with_create_mode("sqlite::memory:"), "sqlite::memory:");
+    }
+
+    #[test]
+    fn only_sqlite_files_get_an_append_connection() {
+        assert_eq!(
+            sqlite_file("sqlite:///var/lib/custos/custos.db?mode=rwc").unwrap(),
+            Some(PathBuf::from("/var/lib/custos/custos.db"))
+        );
+        assert_eq!(sqlite_file("sqlite::memory:").unwrap(), None);
+        assert_eq!(sqlite_file("postgres://custos@db/custos").unwrap(), None);
     }
 }

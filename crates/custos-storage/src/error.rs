@@ -21,6 +21,10 @@ pub enum StorageError {
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
 
+    /// From the SQLite append connection (see `append`), which does not go through sqlx.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
 

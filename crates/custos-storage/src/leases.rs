@@ -3,7 +3,8 @@
 
 use sqlx::{AnyPool, Row};
 
-use crate::database::{to_i64, to_u64};
+use crate::append::Appender;
+use crate::database::{to_i64, to_u64, Database};
 use crate::error::StorageError;
 
 /// One stored lease.
@@ -44,19 +45,27 @@ pub enum LeaseSelector {
 #[derive(Debug, Clone)]
 pub struct LeaseRepository {
     pool: AnyPool,
+    appender: Option<Appender>,
 }
 
 /// Leases inserted by one statement: 13 parameters each, well under both engines' limits.
 const ROWS_PER_STATEMENT: usize = 256;
 
 impl LeaseRepository {
-    pub fn new(pool: AnyPool) -> Self {
-        Self { pool }
+    pub fn new(database: &Database) -> Self {
+        Self {
+            pool: database.pool().clone(),
+            appender: database.appender().cloned(),
+        }
     }
 
     /// Inserts many leases at one commit (every read takes a lease; batching them is what
-    /// keeps a durable commit per read from capping throughput).
+    /// keeps a durable commit per read from capping throughput). A SQLite file commits
+    /// through its append connection, as audit batches do.
     pub async fn insert_batch(&self, leases: &[LeaseRow]) -> Result<(), StorageError> {
+        if let Some(appender) = &self.appender {
+            return appender.append(Vec::new(), leases.to_vec()).await;
+        }
         let mut transaction = self.pool.begin().await?;
         insert_rows(&mut transaction, leases).await?;
         transaction.commit().await?;

@@ -4,10 +4,13 @@
 //! placeholders, BIGINT times in Unix microseconds, byte columns), so every repository
 //! behaves the same on both. Only the migrations differ, in `migrations/sqlite` and
 //! `migrations/postgres` at the top of the repository. This crate stores bytes; it knows
-//! nothing of encryption or HTTP.
+//! nothing of encryption or HTTP. The one exception to the single code path is the SQLite
+//! append connection (`append`), which commits the batches of audit records and leases that
+//! every read adds without sqlx's per-statement thread handoffs.
 
 #![forbid(unsafe_code)]
 
+mod append;
 pub mod approle;
 pub mod audit;
 mod database;

@@ -228,7 +228,7 @@ async fn open(settings: &Settings, initialise: bool) -> anyhow::Result<(Database
     );
     policies.reload().await?;
     let leases = LeaseManager::new(
-        LeaseRepository::new(database.pool().clone()),
+        LeaseRepository::new(&database),
         tokens.clone(),
         mounts.clone(),
         audit.stores_leases(),
