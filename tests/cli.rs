@@ -394,3 +394,29 @@ async fn the_identity_tour_of_the_readme_works_as_written() {
     );
     broker.finish().await;
 }
+
+/// Ctrl-C (SIGINT) in a terminal stops the broker as SIGTERM does: requests finished,
+/// every record committed, the audit log intact, exit status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_broker_cleanly_with_its_audit_log_intact() {
+    let mut broker = Broker::start(DatabaseKind::Sqlite).await;
+    broker
+        .write("secret/app", serde_json::json!({"password": "kept"}))
+        .await
+        .expect(200);
+    broker.read("secret/app").await.expect(200);
+
+    // `stop_with` fails the test unless the broker exits with status 0.
+    broker.stop_with("INT").await;
+    let log = broker.log();
+    assert!(log.contains("SIGINT received; shutting down"), "{log}");
+    assert!(log.contains("custos stopped"), "{log}");
+
+    let verified = broker.verify_audit();
+    assert!(verified.status.success(), "{}", describe(&verified));
+    assert_eq!(
+        stdout_of(&verified),
+        "Audit log intact: 2 records verified (records 1 to 2).\n"
+    );
+    broker.finish().await;
+}

@@ -269,3 +269,64 @@ async fn health_reports_the_database(kind: DatabaseKind) {
     );
     broker.finish().await;
 }
+
+/// While PostgreSQL refuses the broker's connections, health says so within its bound
+/// (503 `not_ready`, for a load balancer to act on) rather than hanging, and it recovers by
+/// itself when the database takes connections again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_ready_while_postgres_refuses_connections_and_recovers() {
+    use sqlx::{Connection, Executor};
+
+    let broker = Broker::start(DatabaseKind::Postgres).await;
+    let name = broker.database_url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = sqlx::AnyConnection::connect(&custos_storage::testing::postgres_admin_url())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let health = broker
+        .send(broker.http().get(broker.url("/v1/health")))
+        .await;
+    let waited = started.elapsed();
+    health.expect_error(503, "not_ready");
+    assert!(
+        waited < std::time::Duration::from_secs(4),
+        "answered after {waited:?}"
+    );
+
+    admin
+        .execute(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true").as_str())
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let health = broker
+            .send(broker.http().get(broker.url("/v1/health")))
+            .await;
+        if health.status == 200 {
+            assert_eq!(health.body["status"], "ok");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health did not recover"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    broker.read("secret/missing").await.expect(404);
+    broker.finish().await;
+}

@@ -805,3 +805,65 @@ async fn a_vault_that_does_not_answer_is_a_504_not_a_hang() {
     broker.finish().await;
     holder.abort();
 }
+
+/// When Vault's own bound is longer than the broker's request timeout, the request timeout
+/// answers: 503 `request_timeout` within it, and the request is audited as such. A hung
+/// Vault holds up neither the broker's start nor its other mounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_outlasts_the_request_timeout_is_a_503_and_is_audited() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", silent.local_addr().unwrap());
+    let _holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            held.push(connection);
+        }
+    });
+    let directory = tempfile::tempdir().unwrap();
+    let token = directory.path().join("token");
+    std::fs::write(&token, "unused-token").unwrap();
+
+    let mut options = BrokerOptions::new(DatabaseKind::Sqlite);
+    options.request_timeout = "1s".to_owned();
+    // The broker starts at once although this Vault hangs: the start-up login runs in the
+    // background (the harness gives up after 20 s, Vault's bound here is 30 s).
+    options.mounts.push_str(&format!(
+        "\n[[mounts]]\npath = \"vault\"\nbackend = \"vault\"\n[mounts.vault]\n\
+         address = \"{address}\"\nmount = \"secret\"\ntimeout = \"30s\"\n\
+         [mounts.vault.auth]\n{}\n",
+        token_auth(&token)
+    ));
+    let broker = Broker::start_with(options).await;
+
+    let started = std::time::Instant::now();
+    let slow = broker.read("vault/app/db").await;
+    let waited = started.elapsed();
+    slow.expect_error(503, "request_timeout");
+    assert!(
+        slow.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not complete within 1000 ms"),
+        "{}",
+        slow.body
+    );
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+
+    let records = broker.audit_records_of(&slow.request_id()).await;
+    assert_eq!(records.len(), 1);
+    let record = &records[0].record;
+    assert_eq!(record["status"], 503);
+    assert_eq!(record["error_code"], "request_timeout");
+    assert_eq!(record["path"], "vault/app/db");
+    assert!(record
+        .get("lease_id")
+        .is_none_or(serde_json::Value::is_null));
+
+    // A local mount on the same broker is not held up by the stuck one.
+    broker
+        .write("secret/app", json!({"password": "local"}))
+        .await
+        .expect(200);
+    broker.read("secret/app").await.expect(200);
+    broker.finish().await;
+}

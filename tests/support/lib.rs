@@ -217,11 +217,16 @@ impl Broker {
 
     /// Sends SIGTERM and waits for a clean exit.
     pub async fn stop(&mut self) {
+        self.stop_with("TERM").await;
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and waits for a clean exit.
+    pub async fn stop_with(&mut self, signal: &str) {
         let Some(mut child) = self.child.take() else {
             return;
         };
         let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([&format!("-{signal}"), &child.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(status.success());
@@ -236,7 +241,7 @@ impl Broker {
                 );
                 return;
             }
-            assert!(Instant::now() < deadline, "the broker ignored SIGTERM");
+            assert!(Instant::now() < deadline, "the broker ignored SIG{signal}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -185,19 +185,25 @@ pub async fn serve(
         .await
 }
 
+/// Longest a health check waits for the database: a load balancer needs an answer, and a
+/// database that takes longer than this is as good as down to it.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn health(State(state): State<AppState>) -> Response {
-    match state.database.ping().await {
-        Ok(()) => Json(json!({
-            "status": "ok",
-            "version": env!("CARGO_PKG_VERSION"),
-            "database": state.database.kind().as_str(),
-        }))
-        .into_response(),
-        Err(error) => {
-            tracing::warn!(%error, "health check: database unavailable");
-            ApiError::not_ready("the broker's database is not answering").into_response()
+    let failure = match tokio::time::timeout(HEALTH_TIMEOUT, state.database.ping()).await {
+        Ok(Ok(())) => {
+            return Json(json!({
+                "status": "ok",
+                "version": env!("CARGO_PKG_VERSION"),
+                "database": state.database.kind().as_str(),
+            }))
+            .into_response();
         }
-    }
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {} ms", HEALTH_TIMEOUT.as_millis()),
+    };
+    tracing::warn!(error = %failure, "health check: database unavailable");
+    ApiError::not_ready("the broker's database is not answering").into_response()
 }
 
 async fn list_mounts(State(state): State<AppState>) -> Response {

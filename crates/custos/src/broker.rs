@@ -286,24 +286,31 @@ async fn open_backend(
         ));
     };
 
-    let backend = VaultBackend::new(vault.clone(), vault_sessions);
-    // Log in now so that a wrong address or credential shows at start. A Vault that is
-    // down only warns: it may come back, and the other mounts should serve meanwhile.
-    match backend.connect().await {
-        Ok(()) => tracing::info!(
-            mount = %mount.path,
-            address = %vault.connection.address,
-            vault_mount = %vault.vault_mount,
-            engine = vault.engine.as_str(),
-            "Vault mount ready"
-        ),
-        Err(error) => tracing::warn!(
-            mount = %mount.path,
-            %error,
-            "Vault is not usable yet; requests to this mount fail until it is"
-        ),
-    }
-    Arc::new(backend)
+    let backend = Arc::new(VaultBackend::new(vault.clone(), vault_sessions));
+    // Log in now so that a wrong address or credential shows at start, but in the
+    // background: a Vault that hangs must not hold up the start of the broker and its
+    // other mounts for the length of its timeout. A Vault that is down only warns: it may
+    // come back. Requests that arrive meanwhile share this login.
+    let checking = backend.clone();
+    let (mount_path, address) = (mount.path.to_string(), vault.connection.address.clone());
+    let (vault_mount, engine) = (vault.vault_mount.clone(), vault.engine.as_str());
+    tokio::spawn(async move {
+        match checking.connect().await {
+            Ok(()) => tracing::info!(
+                mount = %mount_path,
+                %address,
+                %vault_mount,
+                engine,
+                "Vault mount ready"
+            ),
+            Err(error) => tracing::warn!(
+                mount = %mount_path,
+                %error,
+                "Vault is not usable yet; requests to this mount fail until it is"
+            ),
+        }
+    });
+    backend
 }
 
 fn kubernetes_auth(settings: &KubernetesSettings) -> anyhow::Result<KubernetesAuth> {
