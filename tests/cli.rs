@@ -381,7 +381,12 @@ async fn the_identity_tour_of_the_readme_works_as_written() {
     assert!(by_prefix.contains("revoked    1"), "{by_prefix}");
     as_workload(&["secret", "get", "secret/app/db"]);
     let by_principal = stdout_of(&broker.cli(&["lease", "revoke-principal", "approle:billing"]));
-    assert!(by_principal.contains("revoked    1"), "{by_principal}");
+    assert!(by_principal.contains("revoked         1"), "{by_principal}");
+    assert!(by_principal.contains("revoked_tokens  1"), "{by_principal}");
+    // The workload's token went with its leases.
+    let after = as_workload(&["secret", "get", "secret/app/db"]);
+    assert_eq!(after.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&after.stderr).contains("invalid_token"));
 
     // A child token for a script, printed alone.
     let child = broker.cli(&[

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 on_both_databases!(
     a_kubernetes_workload_reads_only_what_its_policy_allows_until_its_token_expires,
     an_approle_single_use_secret_id_works_once,
-    revoke_prefix_and_revoke_principal_take_exactly_their_leases,
+    revoke_prefix_takes_its_leases_and_revoke_principal_everything_one_workload_holds,
     leases_survive_a_restart_and_expire_on_time,
     repeated_failures_get_429_while_a_client_elsewhere_is_unaffected,
     tokens_pass_on_only_their_own_policies_and_die_with_their_parent,
@@ -308,7 +308,9 @@ async fn an_approle_single_use_secret_id_works_once(kind: DatabaseKind) {
     broker.finish().await;
 }
 
-async fn revoke_prefix_and_revoke_principal_take_exactly_their_leases(kind: DatabaseKind) {
+async fn revoke_prefix_takes_its_leases_and_revoke_principal_everything_one_workload_holds(
+    kind: DatabaseKind,
+) {
     let broker = Broker::start_with(options(kind, "")).await;
     for path in ["secret/app/db", "secret/app/api", "secret/application"] {
         broker.write(path, json!({"k": "v"})).await.expect(200);
@@ -370,6 +372,7 @@ async fn revoke_prefix_and_revoke_principal_take_exactly_their_leases(kind: Data
         )
         .await;
     assert_eq!(revoked.expect(200).body["revoked"], 1);
+    assert_eq!(revoked.body["revoked_tokens"], 1, "{}", revoked.body);
     assert_eq!(
         state(leases[&("first", "secret/application")].clone()).await,
         "revoked"
@@ -378,6 +381,15 @@ async fn revoke_prefix_and_revoke_principal_take_exactly_their_leases(kind: Data
         state(leases[&("second", "secret/application")].clone()).await,
         "active"
     );
+    // Its token is gone too, so it cannot draw a new lease; the other workload's works.
+    broker
+        .get_as(&first, "/v1/secrets/secret/application")
+        .await
+        .expect_error(401, "invalid_token");
+    broker
+        .get_as(&second, "/v1/secrets/secret/application")
+        .await
+        .expect(200);
 
     // Holders learn their lease was revoked; workloads may not revoke in bulk.
     let own = broker

@@ -487,7 +487,9 @@ pub async fn revoke_prefix(
     Ok(revoked_answer(&revoked))
 }
 
-/// `POST /v1/leases/revoke-principal`: everything one workload holds (admin).
+/// `POST /v1/leases/revoke-principal`: everything one workload holds (admin): its tokens
+/// (with the tokens they created) first, so that it cannot draw new leases meanwhile, then
+/// every lease it or those tokens hold. Root tokens are never revoked this way.
 pub async fn revoke_principal(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -503,7 +505,24 @@ pub async fn revoke_principal(
             "`principal` is empty",
         ));
     }
-    let revoked = state
+
+    let mut tokens = Vec::new();
+    for accessor in state
+        .tokens
+        .accessors_of(&body.principal)
+        .await
+        .map_err(store_error)?
+    {
+        tokens.extend(
+            state
+                .tokens
+                .revoke_tree(&accessor)
+                .await
+                .map_err(store_error)?,
+        );
+    }
+
+    let mut revoked = state
         .leases
         .revoke_many(
             &LeaseSelector::Principal(body.principal),
@@ -511,15 +530,31 @@ pub async fn revoke_principal(
         )
         .await
         .map_err(store_error)?;
-    Ok(revoked_answer(&revoked))
+    if !tokens.is_empty() {
+        // Leases of child tokens issued under another principal name.
+        revoked.extend(
+            state
+                .leases
+                .revoke_many(&LeaseSelector::Tokens(tokens.clone()), "token revoked")
+                .await
+                .map_err(store_error)?,
+        );
+    }
+    let mut answer = revoked_body(&revoked);
+    answer["revoked_tokens"] = json!(tokens.len());
+    Ok(Json(answer).into_response())
 }
 
 fn revoked_answer(revoked: &[LeaseRow]) -> Response {
+    Json(revoked_body(revoked)).into_response()
+}
+
+fn revoked_body(revoked: &[LeaseRow]) -> serde_json::Value {
     let ids: Vec<&str> = revoked
         .iter()
         .map(|lease| lease.lease_id.as_str())
         .collect();
-    Json(json!({ "revoked": ids.len(), "lease_ids": ids })).into_response()
+    json!({ "revoked": ids.len(), "lease_ids": ids })
 }
 
 /// The lease, if `principal` holds it or may administer leases. Someone else's lease is

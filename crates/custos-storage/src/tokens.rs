@@ -107,6 +107,18 @@ impl TokenRepository {
         row.map(stored_token).transpose()
     }
 
+    /// Accessors of the tokens issued to `principal`, root tokens aside.
+    pub async fn accessors_of(&self, principal: &str) -> Result<Vec<String>, StorageError> {
+        let rows =
+            sqlx::query("SELECT accessor FROM auth_tokens WHERE principal = $1 AND is_root = 0")
+                .bind(principal)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(StorageError::from))
+            .collect()
+    }
+
     /// Spends one use of a use-limited token. Returns false when none was left (another
     /// request may have spent the last one at the same moment).
     pub async fn spend_use(&self, accessor: &str) -> Result<bool, StorageError> {
