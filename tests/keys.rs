@@ -19,8 +19,13 @@ on_both_databases!(
 
 /// Runs `custos server` expecting it to exit by itself; returns its standard error.
 fn server_exit_output(broker: &Broker) -> (bool, String) {
+    server_exit_output_with(broker, &[])
+}
+
+fn server_exit_output_with(broker: &Broker, environment: &[(&str, &str)]) -> (bool, String) {
     let mut child = Command::new(custos_binary())
         .args(["server", "--config", broker.config_path.to_str().unwrap()])
+        .envs(environment.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -221,6 +226,46 @@ async fn rotation_keeps_every_read_working(kind: DatabaseKind) {
     assert_eq!(
         broker.read("secret/after").await.body["data"]["value"],
         "after"
+    );
+    broker.finish().await;
+}
+
+/// The keyring can come from an environment variable (a secret injected by an
+/// orchestrator) instead of a file: the same text, the same store, never in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keyring_can_come_from_an_environment_variable() {
+    let mut broker = Broker::start(DatabaseKind::Sqlite).await;
+    broker
+        .write("secret/app", json!({"password": "from-env"}))
+        .await
+        .expect(200);
+    broker.stop().await;
+    let keyring = std::fs::read_to_string(&broker.key_file).unwrap();
+    let key_lines = keyring_lines(&broker);
+    std::fs::remove_file(&broker.key_file).unwrap();
+
+    // The environment's choice of source replaces the file named in the configuration.
+    broker
+        .launch_with_environment(&[
+            ("CUSTOS_KEYS_ENV", "CUSTOS_TEST_KEYRING"),
+            ("CUSTOS_TEST_KEYRING", &keyring),
+        ])
+        .await;
+    assert_eq!(
+        broker.read("secret/app").await.expect(200).body["data"]["password"],
+        "from-env"
+    );
+    broker.stop().await;
+    let log = broker.log();
+    assert!(key_lines.iter().all(|line| !log.contains(line.as_str())));
+
+    // A variable that is not set is named, and the broker does not start.
+    let (succeeded, stderr) =
+        server_exit_output_with(&broker, &[("CUSTOS_KEYS_ENV", "CUSTOS_TEST_KEYRING")]);
+    assert!(!succeeded);
+    assert!(
+        stderr.contains("cannot read the environment variable CUSTOS_TEST_KEYRING: it is not set"),
+        "{stderr}"
     );
     broker.finish().await;
 }

@@ -183,6 +183,11 @@ impl Broker {
 
     /// Starts the server process and waits until it answers its health check.
     pub async fn launch(&mut self) {
+        self.launch_with_environment(&[]).await;
+    }
+
+    /// Starts the server process with extra environment variables.
+    pub async fn launch_with_environment(&mut self, environment: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -191,6 +196,7 @@ impl Broker {
         let child = Command::new(custos_binary())
             .args(["server", "--config", self.config_path.to_str().unwrap()])
             .env_remove("RUST_LOG")
+            .envs(environment.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
