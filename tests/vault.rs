@@ -867,3 +867,47 @@ async fn a_read_that_outlasts_the_request_timeout_is_a_503_and_is_audited() {
     broker.read("secret/app").await.expect(200);
     broker.finish().await;
 }
+
+/// A Vault that freezes while the broker's session is due for renewal: reads answer 504
+/// within Vault's bound instead of hanging, the still-valid token is kept, and once Vault
+/// thaws the keeper renews it, so reads keep working past the token's original end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_that_freezes_during_renewal_costs_504s_and_the_session_survives() {
+    let bao = prepared_openbao().await;
+    let directory = tempfile::tempdir().unwrap();
+    let token_path = directory.path().join("vault-token");
+    let issued = std::time::Instant::now();
+    std::fs::write(&token_path, bao.token(&["custos"], "15s").await).unwrap();
+    let broker = broker_with_vault(&bao, &token_auth(&token_path), "").await;
+    broker
+        .write("vault/app/db", json!({"password": "p"}))
+        .await
+        .expect(200);
+
+    bao.pause();
+    let started = std::time::Instant::now();
+    let frozen = broker.read("vault/app/db").await;
+    frozen.expect_error(504, "backend_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered after {:?}",
+        started.elapsed()
+    );
+
+    // The keeper renews at two thirds of the 15 s, about 10 s in: let it try while Vault
+    // is frozen, then thaw Vault before the token's end.
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(issued.elapsed())).await;
+    let renewals_before = occurrences(&broker.log(), "renewed the Vault token");
+    bao.resume();
+    broker.read("vault/app/db").await.expect(200);
+
+    // Past the token's original end: only a renewal after the thaw keeps reads working.
+    tokio::time::sleep(Duration::from_secs(16).saturating_sub(issued.elapsed())).await;
+    broker.read("vault/app/db").await.expect(200);
+    assert!(
+        occurrences(&broker.log(), "renewed the Vault token") > renewals_before,
+        "{}",
+        broker.log()
+    );
+    broker.finish().await;
+}

@@ -732,6 +732,24 @@ impl OpenBao {
     }
 
     /// What the server printed so far.
+    /// Freezes the server (SIGSTOP): it keeps its connections and answers nothing, as a
+    /// hung Vault does. [`OpenBao::resume`] thaws it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
