@@ -64,6 +64,7 @@ fn cpu_time(process_id: u32) -> Duration {
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ, which Linux fixes at 100 for what /proc reports whatever the kernel's tick.
     let ticks_per_second = 100;
     Duration::from_millis(ticks * 1000 / ticks_per_second)
 }

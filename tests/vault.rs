@@ -102,6 +102,43 @@ async fn slow_relay(target: &str, delay: Duration) -> (String, tokio::task::Join
     (address, relay)
 }
 
+/// A Vault that accepts connections and never answers, kept up while this lives.
+struct HungVault {
+    holder: tokio::task::JoinHandle<()>,
+    _directory: tempfile::TempDir,
+}
+
+impl Drop for HungVault {
+    fn drop(&mut self) {
+        self.holder.abort();
+    }
+}
+
+/// Mounts a hung Vault at `vault/` in `options`, with `vault_timeout` as its bound.
+async fn mount_hung_vault(options: &mut BrokerOptions, vault_timeout: &str) -> HungVault {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", silent.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            held.push(connection);
+        }
+    });
+    let directory = tempfile::tempdir().unwrap();
+    let token = directory.path().join("token");
+    std::fs::write(&token, "unused-token").unwrap();
+    options.mounts.push_str(&format!(
+        "\n[[mounts]]\npath = \"vault\"\nbackend = \"vault\"\n[mounts.vault]\n\
+         address = \"{address}\"\nmount = \"secret\"\ntimeout = \"{vault_timeout}\"\n\
+         [mounts.vault.auth]\n{}\n",
+        token_auth(&token)
+    ));
+    HungVault {
+        holder,
+        _directory: directory,
+    }
+}
+
 /// Enables AppRole in OpenBao with a role for the broker, writes its role id and a secret
 /// id issued with `secret_id_options` to files in `directory`, and returns the
 /// `[mounts.vault.auth]` body that uses them, with the secret id's text.
@@ -718,26 +755,8 @@ capabilities = ["read"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vault_that_does_not_answer_is_a_504_not_a_hang() {
-    // A listener that accepts connections and never answers: a hung Vault.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", silent.local_addr().unwrap());
-    let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((connection, _)) = silent.accept().await {
-            held.push(connection);
-        }
-    });
-    let directory = tempfile::tempdir().unwrap();
-    let token = directory.path().join("token");
-    std::fs::write(&token, "unused-token").unwrap();
-
     let mut options = BrokerOptions::new(DatabaseKind::Sqlite);
-    options.mounts.push_str(&format!(
-        "\n[[mounts]]\npath = \"vault\"\nbackend = \"vault\"\n[mounts.vault]\n\
-         address = \"{address}\"\nmount = \"secret\"\ntimeout = \"1s\"\n\
-         [mounts.vault.auth]\n{}\n",
-        token_auth(&token)
-    ));
+    let _vault = mount_hung_vault(&mut options, "1s").await;
     let broker = Broker::start_with(options).await;
 
     // The broker's request timeout is 5 s; Vault's 1 s bound answers first, with 504.
@@ -803,7 +822,6 @@ async fn a_vault_that_does_not_answer_is_a_504_not_a_hang() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     broker.finish().await;
-    holder.abort();
 }
 
 /// When Vault's own bound is longer than the broker's request timeout, the request timeout
@@ -811,28 +829,11 @@ async fn a_vault_that_does_not_answer_is_a_504_not_a_hang() {
 /// Vault holds up neither the broker's start nor its other mounts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_that_outlasts_the_request_timeout_is_a_503_and_is_audited() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", silent.local_addr().unwrap());
-    let _holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((connection, _)) = silent.accept().await {
-            held.push(connection);
-        }
-    });
-    let directory = tempfile::tempdir().unwrap();
-    let token = directory.path().join("token");
-    std::fs::write(&token, "unused-token").unwrap();
-
     let mut options = BrokerOptions::new(DatabaseKind::Sqlite);
     options.request_timeout = "1s".to_owned();
     // The broker starts at once although this Vault hangs: the start-up login runs in the
     // background (the harness gives up after 20 s, Vault's bound here is 30 s).
-    options.mounts.push_str(&format!(
-        "\n[[mounts]]\npath = \"vault\"\nbackend = \"vault\"\n[mounts.vault]\n\
-         address = \"{address}\"\nmount = \"secret\"\ntimeout = \"30s\"\n\
-         [mounts.vault.auth]\n{}\n",
-        token_auth(&token)
-    ));
+    let _vault = mount_hung_vault(&mut options, "30s").await;
     let broker = Broker::start_with(options).await;
 
     let started = std::time::Instant::now();

@@ -380,7 +380,7 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, batch: Vec<Submission>) {
+    async fn commit(&mut self, mut batch: Vec<Submission>) {
         let mut chain = self.chain.clone();
         let mut rows = Vec::with_capacity(batch.len());
         for submission in &batch {
@@ -391,13 +391,15 @@ impl Writer {
             rows.push(row_of(submission, &chain));
         }
 
+        // The leases are not needed after the commit: the requests keep their own copies
+        // of any backend lease to revoke on failure.
         let leases: Vec<LeaseRow> = batch
-            .iter()
-            .flat_map(|submission| submission.leases.iter().cloned())
+            .iter_mut()
+            .flat_map(|submission| std::mem::take(&mut submission.leases))
             .collect();
         let stored = tokio::time::timeout(
             self.write_timeout,
-            self.repository.insert_batch(&rows, &leases),
+            self.repository.insert_batch(&rows, leases),
         );
         match stored.await {
             Ok(Ok(())) => {

@@ -58,7 +58,7 @@ async fn a_batch_stores_its_records_and_leases_together(kind: DatabaseKind) {
 
     let records = vec![record(1), record(2), record(3)];
     audit
-        .insert_batch(&records, &[lease("one"), lease("two")])
+        .insert_batch(&records, vec![lease("one"), lease("two")])
         .await
         .unwrap();
 
@@ -86,11 +86,11 @@ async fn a_failed_batch_stores_nothing_and_the_next_one_commits(kind: DatabaseKi
         AuditRepository::new(&database),
         LeaseRepository::new(&database),
     );
-    audit.insert_batch(&[record(1)], &[]).await.unwrap();
+    audit.insert_batch(&[record(1)], Vec::new()).await.unwrap();
 
     // Record 2 is fine, but the batch repeats record 1: none of it may land.
     let refused = audit
-        .insert_batch(&[record(2), record(1)], &[lease("orphan")])
+        .insert_batch(&[record(2), record(1)], vec![lease("orphan")])
         .await;
     assert!(refused.is_err(), "a repeated sequence is refused");
     assert_eq!(stored_sequences(&audit).await, vec![1]);
@@ -101,14 +101,14 @@ async fn a_failed_batch_stores_nothing_and_the_next_one_commits(kind: DatabaseKi
     );
 
     audit
-        .insert_batch(&[record(2)], &[lease("kept")])
+        .insert_batch(&[record(2)], vec![lease("kept")])
         .await
         .unwrap();
     assert_eq!(stored_sequences(&audit).await, vec![2, 1]);
     assert!(leases.get("lease_kept").await.unwrap().is_some());
 
     // Leases alone (an unaudited or fail-open broker) take the same path.
-    leases.insert_batch(&[lease("alone")]).await.unwrap();
+    leases.insert_batch(vec![lease("alone")]).await.unwrap();
     assert!(leases.get("lease_alone").await.unwrap().is_some());
 
     database.close().await;
@@ -152,7 +152,7 @@ async fn a_sqlite_batch_waits_for_a_lock_held_elsewhere() {
         .unwrap();
     let waiting = tokio::spawn({
         let audit = audit.clone();
-        async move { audit.insert_batch(&[record(1)], &[]).await }
+        async move { audit.insert_batch(&[record(1)], Vec::new()).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "the batch waits for the lock");

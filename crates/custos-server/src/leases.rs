@@ -275,13 +275,16 @@ async fn write_leases(repository: LeaseRepository, mut pending: mpsc::Receiver<P
             }
         }
 
-        let rows: Vec<LeaseRow> = batch.iter().map(|lease| lease.row.clone()).collect();
+        let (rows, waiting): (Vec<LeaseRow>, Vec<_>) = batch
+            .into_iter()
+            .map(|lease| (lease.row, lease.stored))
+            .unzip();
         let outcome = repository
-            .insert_batch(&rows)
+            .insert_batch(rows)
             .await
             .map_err(|error| error.to_string());
-        for lease in batch {
-            let _ = lease.stored.send(outcome.clone());
+        for stored in waiting {
+            let _ = stored.send(outcome.clone());
         }
     }
 }

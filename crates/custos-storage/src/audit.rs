@@ -91,10 +91,10 @@ impl AuditRepository {
     pub async fn insert_batch(
         &self,
         rows: &[AuditRow],
-        leases: &[LeaseRow],
+        leases: Vec<LeaseRow>,
     ) -> Result<(), StorageError> {
         if let Some(appender) = &self.appender {
-            return appender.append(rows.to_vec(), leases.to_vec()).await;
+            return appender.append(rows.to_vec(), leases).await;
         }
 
         let mut transaction = self.pool.begin().await?;
@@ -104,7 +104,7 @@ impl AuditRepository {
                 .execute(&mut *transaction)
                 .await?;
         }
-        crate::leases::insert_rows(&mut transaction, leases).await?;
+        crate::leases::insert_rows(&mut transaction, &leases).await?;
         transaction.commit().await?;
         Ok(())
     }

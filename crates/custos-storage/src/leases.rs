@@ -62,12 +62,12 @@ impl LeaseRepository {
     /// Inserts many leases at one commit (every read takes a lease; batching them is what
     /// keeps a durable commit per read from capping throughput). A SQLite file commits
     /// through its append connection, as audit batches do.
-    pub async fn insert_batch(&self, leases: &[LeaseRow]) -> Result<(), StorageError> {
+    pub async fn insert_batch(&self, leases: Vec<LeaseRow>) -> Result<(), StorageError> {
         if let Some(appender) = &self.appender {
-            return appender.append(Vec::new(), leases.to_vec()).await;
+            return appender.append(Vec::new(), leases).await;
         }
         let mut transaction = self.pool.begin().await?;
-        insert_rows(&mut transaction, leases).await?;
+        insert_rows(&mut transaction, &leases).await?;
         transaction.commit().await?;
         Ok(())
     }
